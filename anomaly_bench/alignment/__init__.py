@@ -1,0 +1,1 @@
+"""Image alignment applied before a method sees the images."""

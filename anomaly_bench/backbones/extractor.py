@@ -1,0 +1,147 @@
+"""Frozen CNN feature extractor that returns chosen blocks of chosen stages.
+
+A ResNet-style network (ResNet, WideResNet, ResNeXt from timm) is a stem followed by the
+stages ``layer1`` .. ``layer4``, each a sequence of residual blocks. ``layers`` selects,
+per stage, the block whose output is wanted (``-1`` = the last block = the stage output,
+``None`` = stage unused). The forward pass stops after the last block any selection needs,
+and the unused tail of the network is dropped from memory, so e.g. a layer2-only selection
+never computes layer3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anomaly_bench.backbones.weights import (
+    file_tag,
+    hub_access,
+    load_into,
+    offline_message,
+    random_tag,
+    read_state_dict,
+)
+from anomaly_bench.errors import ConfigError, WeightsError
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def create_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
+                      seed: int) -> tuple[nn.Module, str]:
+    """Build ``name`` with timm and load its weights; return (model, weights tag).
+
+    Order of precedence: a local ``weights`` file, then hub weights when ``pretrained``,
+    else a random initialisation seeded with ``seed`` (torchvision-style: residual branches
+    are not zero-initialised, so every block transforms its input).
+    """
+    import timm
+
+    full = f"{name}.{hub_tag}" if hub_tag else name
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"backbone.name={name} is not a timm architecture (e.g. wide_resnet50_2, resnet18)."
+        )
+    kwargs = {"zero_init_last": False} if "resnet" in name or "resnext" in name else {}
+    if weights:
+        state = read_state_dict(weights)
+        model = timm.create_model(full, pretrained=False, **kwargs)
+        load_into(model, state, f"backbone.weights={weights}")
+        return model, file_tag(Path(weights).expanduser())
+    if pretrained:
+        cfg = timm.models.get_pretrained_cfg(full)
+        if cfg is None:
+            raise ConfigError(f"timm has no pretrained weights named {full}.")
+        hf_id = cfg.hf_hub_id
+        if hf_id and hf_id.endswith("/"):
+            hf_id = hf_id + full
+        with hub_access(full, hf_id, cfg.url):
+            try:
+                model = timm.create_model(full, pretrained=True, **kwargs)
+            except Exception as exc:
+                raise WeightsError(offline_message(full, f"{type(exc).__name__}: {exc}")) from exc
+        return model, f"timm:{full}"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(full, pretrained=False, **kwargs)
+    return model, random_tag(seed)
+
+
+def resolve_selection(stage_sizes: Mapping[str, int], layers: Mapping[str, int | None],
+                      backbone: str) -> dict[str, int]:
+    """Map ``{stage: index or None}`` to ``{stage: non-negative block index}`` in stage order."""
+    unknown = set(layers) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"layers has unknown keys {sorted(unknown)}; expected {list(STAGES)}.")
+    out: dict[str, int] = {}
+    for stage in STAGES:
+        idx = layers.get(stage)
+        if idx is None:
+            continue
+        n = stage_sizes[stage]
+        if not isinstance(idx, int) or not -n <= idx < n:
+            raise ConfigError(
+                f"layers.{stage}={idx} is out of range: {backbone} {stage} has {n} blocks "
+                f"(use 0..{n - 1}, -1 for the last block, or null to leave the stage out)."
+            )
+        out[stage] = idx % n
+    if not out:
+        raise ConfigError("layers selects no stage: set at least one of layers.layer1..layer4.")
+    return out
+
+
+def selection_tag(selection: Mapping[str, int]) -> str:
+    """Compact, explicit name of a selection, e.g. ``layer1.2+layer2.3+layer3.5``."""
+    return "+".join(f"{stage}.{idx}" for stage, idx in selection.items())
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning ``{stage: block output}`` for the selected blocks."""
+
+    def __init__(self, name: str, layers: Mapping[str, int | None], *, hub_tag: str | None = None,
+                 pretrained: bool = True, weights: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        model, self.weights_tag = create_timm_model(name, hub_tag, pretrained, weights, seed)
+        if not all(isinstance(getattr(model, s, None), nn.Sequential) for s in STAGES):
+            raise ConfigError(
+                f"backbone {name} has no ResNet-style stages layer1..layer4; block selection "
+                "needs a ResNet, WideResNet or ResNeXt."
+            )
+        self.name = name
+        sizes = {s: len(getattr(model, s)) for s in STAGES}
+        self.selection = resolve_selection(sizes, layers, name)
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
+        last_stage = list(self.selection)[-1]
+        keep = STAGES[: STAGES.index(last_stage) + 1]
+        stages = {}
+        for s in keep:
+            blocks = getattr(model, s)
+            if s == last_stage:
+                blocks = blocks[: self.selection[s] + 1]
+            stages[s] = blocks
+        self.stages = nn.ModuleDict(stages)
+        self.eval().requires_grad_(False)
+        with torch.inference_mode():
+            probe = self(torch.zeros(1, 3, 64, 64))
+        self.channels = {s: int(f.shape[1]) for s, f in probe.items()}
+        self.strides = {s: 64 // int(f.shape[-1]) for s, f in probe.items()}
+
+    @property
+    def tag(self) -> str:
+        return selection_tag(self.selection)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: BN stays in eval mode
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem(images)
+        out: dict[str, torch.Tensor] = {}
+        for stage, blocks in self.stages.items():
+            want = self.selection.get(stage)
+            for i, block in enumerate(blocks):
+                x = block(x)
+                if i == want:
+                    out[stage] = x
+        return out

@@ -1,0 +1,49 @@
+"""The ``anomaly-bench`` command: a Hydra application around :class:`~anomaly_bench.runner.Runner`.
+
+Errors caused by input (paths, layouts, config values, weights) are printed as one
+paragraph with exit code 2 and no traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from anomaly_bench.errors import AnomalyBenchError
+
+log = logging.getLogger("anomaly_bench")
+
+
+def config_dir() -> Path:
+    """The Hydra config root: ``conf/`` of a checkout or the installed ``anomaly_bench.conf``."""
+    return Path(str(resources.files("anomaly_bench.conf")))
+
+
+def _task(cfg: DictConfig) -> None:
+    from anomaly_bench.runner import Runner
+
+    hc = HydraConfig.get()
+    try:
+        Runner(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)).run()
+    except AnomalyBenchError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", exc)
+        print(f"anomaly-bench: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)()
+
+
+if __name__ == "__main__":
+    main()

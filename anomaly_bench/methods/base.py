@@ -1,0 +1,99 @@
+"""The small interface every method implements, and the registry the runner builds from.
+
+A method is a torch module that owns its feature extractor. The runner calls
+``fit(batches)`` once with the training set and ``predict(batch)`` per test batch; the
+fitted state travels through ``state_dict`` / :func:`load_fitted_state`. Nothing in the
+runner depends on which method it is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from anomaly_bench.errors import CheckpointError, ConfigError
+from anomaly_bench.types import Batch, Prediction
+
+MethodFactory = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], int], "AnomalyMethod"]
+_REGISTRY: dict[str, MethodFactory] = {}
+
+
+class AnomalyMethod(nn.Module, ABC):
+    """Base class: ``fit`` on normal images, ``predict`` scores and maps for a batch."""
+
+    name: str = ""
+    #: True when the method needs no training images (zero-shot); the runner skips fit data.
+    zero_shot: bool = False
+
+    @abstractmethod
+    def fit(self, batches: Iterable[Batch]) -> None:
+        """Learn the normal model from an iterable of training batches (on the device)."""
+
+    @abstractmethod
+    def predict(self, batch: Batch) -> Prediction:
+        """Image scores (B,) and anomaly maps (B, H, W) at the batch's image size."""
+
+    @property
+    def weights_tag(self) -> str:
+        """Which backbone weights the method uses (recorded in every result row)."""
+        extractor = getattr(self, "extractor", None)
+        return getattr(extractor, "weights_tag", "")
+
+    @property
+    def layers_tag(self) -> str:
+        """Which backbone blocks the method uses, e.g. ``layer1.2+layer2.3+layer3.5``."""
+        extractor = getattr(self, "extractor", None)
+        return getattr(extractor, "tag", "")
+
+
+def register(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator registering ``factory(method_cfg, backbone_cfg, layers_cfg, seed)``."""
+
+    def deco(factory: MethodFactory) -> MethodFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def build_method(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
+                 layers_cfg: Mapping[str, Any], seed: int) -> AnomalyMethod:
+    """Construct the method named ``method_cfg['name']`` from the composed config."""
+    _import_all()
+    name = method_cfg.get("name")
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
+    return _REGISTRY[name](method_cfg, backbone_cfg, layers_cfg, seed)
+
+
+def load_fitted_state(method: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a fitted ``state_dict``, allocating buffers that are unset before ``fit``."""
+    own = dict(method.named_buffers())
+    for key, value in state.items():
+        module_path, _, leaf = key.rpartition(".")
+        module = method.get_submodule(module_path) if module_path else method
+        if leaf in module._buffers and key not in own:
+            module._buffers[leaf] = torch.empty_like(value)
+    try:
+        method.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {source} does not match the configured method ({first}); use the "
+            "same method, backbone and layers as the run that wrote it."
+        ) from exc
+
+
+def _import_all() -> None:
+    # Importing the modules registers them; kept lazy so `import anomaly_bench` stays light.
+    from anomaly_bench.methods import padim  # noqa: F401

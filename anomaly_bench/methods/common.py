@@ -1,0 +1,46 @@
+"""Pieces shared by the feature-based methods: extractor construction, map post-processing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from anomaly_bench.backbones import FeatureExtractor
+from anomaly_bench.ops.blur import gaussian_blur
+
+
+def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, Any],
+                    seed: int) -> FeatureExtractor:
+    """The frozen CNN extractor described by the ``backbone`` and ``layers`` config groups."""
+    layers = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
+    return FeatureExtractor(
+        backbone_cfg["name"],
+        layers,
+        hub_tag=backbone_cfg.get("hub_tag"),
+        pretrained=bool(backbone_cfg.get("pretrained", True)),
+        weights=backbone_cfg.get("weights"),
+        seed=seed,
+    )
+
+
+def concat_pyramid(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Upsample every map to the first (finest) map's grid with nearest and concatenate."""
+    maps = list(features.values())
+    size = maps[0].shape[-2:]
+    return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest")
+                      for m in maps], dim=1)
+
+
+def to_image_maps(patch_scores: torch.Tensor, image_size: tuple[int, int],
+                  sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear-upsample (B, h, w) patch scores to the image, blur, and take the max.
+
+    Returns (image scores (B,), anomaly maps (B, H, W)).
+    """
+    maps = F.interpolate(patch_scores.unsqueeze(1), size=image_size, mode="bilinear",
+                         align_corners=False)
+    maps = gaussian_blur(maps, sigma).squeeze(1)
+    return maps.flatten(1).amax(dim=1), maps

@@ -1,0 +1,1 @@
+"""Shared maths used by several methods: blur, Gaussians, kNN search, coreset sampling."""

@@ -1,0 +1,81 @@
+"""Typed containers passed between datasets, methods, metrics and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+NORMAL = 0
+ANOMALOUS = 1
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One image of a dataset split as found on disk (nothing is read yet).
+
+    ``label`` is 0 for normal and 1 for anomalous; ``mask_path`` is None for normal
+    images and for datasets without pixel annotations; ``defect_type`` is the defect
+    folder name (``"good"`` for normal images); ``subset`` names a test subset such as
+    an AeBAD domain shift (empty when the dataset has none).
+    """
+
+    image_path: Path
+    label: int
+    defect_type: str = "good"
+    mask_path: Path | None = None
+    subset: str = ""
+
+
+@dataclass(frozen=True)
+class CategorySplit:
+    """Train and test records of one category, plus whether pixel masks exist."""
+
+    dataset: str
+    category: str
+    root: Path
+    train: list[SampleRecord]
+    test: list[SampleRecord]
+    has_masks: bool
+
+
+@dataclass
+class Batch:
+    """A batch of preprocessed images as methods receive them.
+
+    ``images`` are normalised float tensors (B, 3, H, W); ``masks`` are {0, 1} float
+    tensors (B, 1, H, W) aligned with the images, or None when the dataset has no
+    masks; ``labels`` (B,) are 0/1; ``rotations`` (B,) count the quarter turns applied by
+    alignment (0 when none), so maps can be turned back for display.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    defect_types: list[str]
+    masks: torch.Tensor | None = None
+    rotations: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Move the tensors to ``device`` (non-blocking where possible)."""
+        return Batch(
+            images=self.images.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            paths=self.paths,
+            defect_types=self.defect_types,
+            masks=None if self.masks is None else self.masks.to(device, non_blocking=True),
+            rotations=None if self.rotations is None else self.rotations.to(device),
+        )
+
+
+@dataclass
+class Prediction:
+    """What a method returns for a batch: one score per image and a map per image.
+
+    ``anomaly_maps`` has shape (B, H, W) at the input resolution of the batch.
+    """
+
+    image_scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)

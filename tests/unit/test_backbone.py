@@ -1,0 +1,108 @@
+"""Block selection, weights loading and fail-fast pretrained fetching of the extractor."""
+
+import time
+
+import pytest
+import torch
+
+from anomaly_bench.backbones import FeatureExtractor
+from anomaly_bench.backbones.weights import read_state_dict
+from anomaly_bench.errors import ConfigError, WeightsError
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return FeatureExtractor("resnet18", {"layer1": 0, "layer2": -1, "layer3": 1},
+                            hub_tag="tv_in1k", pretrained=False, seed=3)
+
+
+def test_selected_tensor_is_that_blocks_output(r18):
+    import timm
+
+    torch.manual_seed(3)  # the extractor's seeded init: the very same weights
+    ref = timm.create_model("resnet18.tv_in1k", pretrained=False, zero_init_last=False).eval()
+    torch.testing.assert_close(ref.layer3[1].conv2.weight, r18.stages["layer3"][1].conv2.weight)
+    seen = {}
+    hooks = [ref.layer1[0].register_forward_hook(lambda m, i, o: seen.__setitem__("layer1", o)),
+             ref.layer2[1].register_forward_hook(lambda m, i, o: seen.__setitem__("layer2", o)),
+             ref.layer3[1].register_forward_hook(lambda m, i, o: seen.__setitem__("layer3", o))]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref(x)
+        out = r18(x)
+    for h in hooks:
+        h.remove()
+    assert list(out) == ["layer1", "layer2", "layer3"]
+    for stage in out:
+        torch.testing.assert_close(out[stage], seen[stage])
+    assert r18.tag == "layer1.0+layer2.1+layer3.1"
+    assert r18.channels == {"layer1": 64, "layer2": 128, "layer3": 256}
+
+
+def test_truncated_network_drops_unused_tail(r18):
+    assert "layer4" not in r18.stages
+    assert len(r18.stages["layer3"]) == 2  # resnet18 layer3 has 2 blocks; index 1 keeps both
+    small = FeatureExtractor("resnet18", {"layer2": 0}, pretrained=False, seed=0)
+    assert list(small.stages) == ["layer1", "layer2"] and len(small.stages["layer2"]) == 1
+
+
+def test_random_init_is_seeded_and_tagged():
+    a = FeatureExtractor("resnet18", {"layer1": -1}, pretrained=False, seed=5)
+    b = FeatureExtractor("resnet18", {"layer1": -1}, pretrained=False, seed=5)
+    c = FeatureExtractor("resnet18", {"layer1": -1}, pretrained=False, seed=6)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(a(x)["layer1"], b(x)["layer1"])
+        assert not torch.equal(a(x)["layer1"], c(x)["layer1"])
+    assert a.weights_tag == "random(seed=5)"
+
+
+def test_out_of_range_block_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"layers.layer2=4 .* 2 blocks"):
+        FeatureExtractor("resnet18", {"layer2": 4}, pretrained=False)
+    with pytest.raises(ConfigError, match="selects no stage"):
+        FeatureExtractor("resnet18", {"layer1": None}, pretrained=False)
+
+
+@pytest.mark.parametrize("style", ["torchvision", "timm_prefixed", "safetensors"])
+def test_local_weights_file_loads(tmp_path, style):
+    import timm
+
+    torch.manual_seed(11)
+    src = timm.create_model("resnet18", pretrained=False)
+    state = src.state_dict()
+    if style == "torchvision":
+        path = tmp_path / "resnet18-f37072fd.pth"
+        torch.save(state, path)
+    elif style == "timm_prefixed":
+        path = tmp_path / "ckpt.pth"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    fe = FeatureExtractor("resnet18", {"layer1": -1}, weights=str(path), seed=0)
+    torch.testing.assert_close(fe.stem[0].weight, state["conv1.weight"])
+    assert fe.weights_tag.startswith(f"file:{path.name}#")
+    assert read_state_dict(path)["conv1.weight"].shape == (64, 3, 7, 7)
+
+
+def test_bad_weights_files_raise_weights_error(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        FeatureExtractor("resnet18", {"layer1": -1}, weights=str(tmp_path / "nope.pth"))
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match="missing"):
+        FeatureExtractor("resnet18", {"layer1": -1}, weights=str(tmp_path / "wrong.pth"))
+
+
+def test_unreachable_hub_fails_fast_with_offline_options(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError) as err:
+        FeatureExtractor("resnet18", {"layer1": -1}, hub_tag="tv_in1k", pretrained=True)
+    assert time.perf_counter() - t0 < 30
+    assert "backbone.weights=PATH" in str(err.value)
+    assert "backbone.pretrained=false" in str(err.value)
