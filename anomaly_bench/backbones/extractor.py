@@ -101,7 +101,11 @@ class FeatureExtractor(nn.Module):
     """Frozen backbone returning ``{stage: block output}`` for the selected blocks."""
 
     def __init__(self, name: str, layers: Mapping[str, int | None], *, hub_tag: str | None = None,
-                 pretrained: bool = True, weights: str | None = None, seed: int = 0) -> None:
+                 pretrained: bool = True, weights: str | None = None, seed: int = 0,
+                 truncate: bool = True) -> None:
+        """``truncate=False`` keeps the whole network and runs its full forward pass
+        (classifier included), collecting the selected blocks with forward hooks; it costs
+        more and exists to measure what truncation saves."""
         super().__init__()
         model, self.weights_tag = create_timm_model(name, hub_tag, pretrained, weights, seed)
         if not all(isinstance(getattr(model, s, None), nn.Sequential) for s in STAGES):
@@ -114,14 +118,16 @@ class FeatureExtractor(nn.Module):
         self.selection = resolve_selection(sizes, layers, name)
         self.stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
         last_stage = list(self.selection)[-1]
-        keep = STAGES[: STAGES.index(last_stage) + 1]
+        keep = STAGES if not truncate else STAGES[: STAGES.index(last_stage) + 1]
         stages = {}
         for s in keep:
             blocks = getattr(model, s)
-            if s == last_stage:
+            if s == last_stage and truncate:
                 blocks = blocks[: self.selection[s] + 1]
             stages[s] = blocks
         self.stages = nn.ModuleDict(stages)
+        self.truncate = truncate
+        self.head = None if truncate else nn.Sequential(model.global_pool, model.fc)
         self.eval().requires_grad_(False)
         with torch.inference_mode():
             probe = self(torch.zeros(1, 3, 64, 64))
@@ -144,4 +150,6 @@ class FeatureExtractor(nn.Module):
                 x = block(x)
                 if i == want:
                     out[stage] = x
-        return out
+        if self.head is not None:
+            self.head(x)  # full forward, as a hook-based extractor would run it
+        return {s: out[s] for s in self.selection}

@@ -95,5 +95,12 @@ def load_fitted_state(method: nn.Module, state: Mapping[str, torch.Tensor], sour
 
 
 def _import_all() -> None:
-    # Importing the modules registers them; kept lazy so `import anomaly_bench` stays light.
-    from anomaly_bench.methods import padim  # noqa: F401
+    """Import every module of this package once; each registers its method on import."""
+    import importlib
+    import pkgutil
+
+    import anomaly_bench.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("base", "common"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")

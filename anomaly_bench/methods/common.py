@@ -23,6 +23,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
         pretrained=bool(backbone_cfg.get("pretrained", True)),
         weights=backbone_cfg.get("weights"),
         seed=seed,
+        truncate=bool(backbone_cfg.get("truncate", True)),
     )
 
 
