@@ -5,6 +5,13 @@ finest grid and concatenated; a seeded random subset of ``d`` channels is kept (
 WRN50, 100 for ResNet18). Each position gets a Gaussian with covariance + 0.01 I; a test
 patch's score is its Mahalanobis distance; the map is upsampled bilinearly to the image,
 blurred with sigma = 4 and its maximum is the image score.
+
+Two exact solvers give the same distances. ``full`` streams the training set into running
+means and scatter matrices and inverts one C x C covariance per position. ``lowrank``
+keeps the N centred training embeddings and applies the Woodbury identity, which is far
+cheaper whenever N < C (every MVTec AD category has fewer than 550 training images).
+``auto`` collects embeddings while N <= C and switches to streaming beyond that, so memory
+never exceeds the C x C x P of the full solver.
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ import torch
 from anomaly_bench.errors import ConfigError
 from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import build_extractor, concat_pyramid, to_image_maps
-from anomaly_bench.ops.gaussian import GaussianAccumulator, mahalanobis
+from anomaly_bench.ops.gaussian import (
+    GaussianAccumulator,
+    lowrank_fit,
+    lowrank_mahalanobis,
+    mahalanobis,
+)
 from anomaly_bench.types import Batch, Prediction
 
 #: Channel counts kept by the paper per backbone; others keep at most this many.
@@ -29,7 +41,7 @@ class Padim(AnomalyMethod):
     name = "padim"
 
     def __init__(self, extractor: torch.nn.Module, n_features: int | None, reg: float = 0.01,
-                 blur_sigma: float = 4.0, seed: int = 0) -> None:
+                 blur_sigma: float = 4.0, seed: int = 0, solver: str = "auto") -> None:
         super().__init__()
         self.extractor = extractor
         total = sum(extractor.channels.values())
@@ -43,8 +55,13 @@ class Padim(AnomalyMethod):
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(total, generator=gen)[:n_features].sort().values
         self.register_buffer("channel_idx", idx)
+        if solver not in ("auto", "full", "lowrank"):
+            raise ConfigError(f"method.solver={solver} is not one of auto, full, lowrank.")
+        self.solver = solver
         self.register_buffer("mean", None)
-        self.register_buffer("inv_cov", None)
+        self.register_buffer("inv_cov", None)  # full solver: (P, C, C)
+        self.register_buffer("centred", None)  # lowrank solver: (P, N, C)
+        self.register_buffer("chol", None)  # lowrank solver: (P, N, N) float64
         self.reg = reg
         self.blur_sigma = blur_sigma
 
@@ -55,13 +72,30 @@ class Padim(AnomalyMethod):
             return emb.index_select(1, self.channel_idx)
 
     def fit(self, batches: Iterable[Batch]) -> None:
-        acc = GaussianAccumulator()
+        dim = int(self.channel_idx.numel())
+        acc: GaussianAccumulator | None = GaussianAccumulator() if self.solver == "full" else None
+        kept: list[torch.Tensor] = []
+        n = 0
         for batch in batches:
-            with torch.no_grad():
-                emb = self.embed(batch.images)
-                acc.update(emb.flatten(2))
-        mean, inv_cov = acc.finalize(self.reg)
-        self.mean, self.inv_cov = mean, inv_cov
+            emb = self.embed(batch.images).flatten(2)
+            n += emb.shape[0]
+            if acc is None and (self.solver == "lowrank" or n <= dim):
+                kept.append(emb)
+                continue
+            if acc is None:  # auto: more samples than channels, stream from here on
+                acc = GaussianAccumulator()
+                for e in kept:
+                    acc.update(e)
+                kept = []
+            acc.update(emb)
+        self.mean = self.inv_cov = self.centred = self.chol = None
+        with torch.no_grad():
+            if acc is not None:
+                self.mean, self.inv_cov = acc.finalize(self.reg)
+            else:
+                embeddings = torch.cat(kept)
+                kept.clear()
+                self.mean, self.centred, self.chol = lowrank_fit(embeddings, self.reg)
 
     def predict(self, batch: Batch) -> Prediction:
         if self.mean is None:
@@ -69,7 +103,12 @@ class Padim(AnomalyMethod):
         with torch.no_grad():
             emb = self.embed(batch.images)
             b, _, h, w = emb.shape
-            dist = mahalanobis(emb.flatten(2), self.mean, self.inv_cov).view(b, h, w)
+            if self.inv_cov is not None:
+                dist = mahalanobis(emb.flatten(2), self.mean, self.inv_cov)
+            else:
+                dist = lowrank_mahalanobis(emb.flatten(2), self.mean, self.centred, self.chol,
+                                           self.reg)
+            dist = dist.view(b, h, w)
             scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma)
         return Prediction(image_scores=scores, anomaly_maps=maps)
 
@@ -79,5 +118,6 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Padim:
     extractor = build_extractor(backbone_cfg, layers_cfg, seed)
     return Padim(extractor, method_cfg.get("n_features"), float(method_cfg.get("reg", 0.01)),
-                 float(method_cfg.get("blur_sigma", 4.0)), seed)
+                 float(method_cfg.get("blur_sigma", 4.0)), seed,
+                 str(method_cfg.get("solver", "auto")))
 

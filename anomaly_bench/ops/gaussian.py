@@ -76,3 +76,46 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tenso
         d = delta[start : start + chunk]
         out[start : start + chunk] = ((d @ inv_cov[start : start + chunk]) * d).sum(-1)
     return out.clamp_min_(0).sqrt_().t()
+
+
+def lowrank_fit(embeddings: torch.Tensor, reg: float,
+                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit per-position Gaussians from N < C samples without forming C x C matrices.
+
+    With X the centred samples of a position (N, C), the regularised covariance is
+    ``reg * I + X^T X / (N - 1)``, a rank-(N-1) update of ``reg * I``. By the Woodbury
+    identity its inverse is ``(I - X^T M^-1 X) / reg`` with the small matrix
+    ``M = reg (N - 1) I + X X^T`` (N x N), so the Mahalanobis distance is exact while the
+    fit costs O(N^2 C) per position instead of O(N C^2 + C^3).
+
+    ``embeddings`` is (N, C, P). Returns (mean (C, P), X (P, N, C) float32,
+    Cholesky factor of M (P, N, N) float64).
+    """
+    n = embeddings.shape[0]
+    if n < 2:
+        raise ValueError("a Gaussian needs at least two training samples")
+    mean = embeddings.mean(dim=0)
+    centred = (embeddings - mean).permute(2, 0, 1).contiguous()  # (P, N, C)
+    chol = torch.empty(centred.shape[0], n, n, device=centred.device, dtype=torch.float64)
+    eye = torch.eye(n, device=centred.device, dtype=torch.float64) * (reg * (n - 1))
+    for start in range(0, centred.shape[0], chunk):
+        x = centred[start : start + chunk].double()
+        chol[start : start + chunk] = torch.linalg.cholesky(x @ x.transpose(1, 2) + eye)
+    return mean, centred, chol
+
+
+def lowrank_mahalanobis(features: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor,
+                        chol: torch.Tensor, reg: float, chunk: int = 256) -> torch.Tensor:
+    """Mahalanobis distance (B, P) of (B, C, P) features under :func:`lowrank_fit` Gaussians.
+
+    ``d^2 = (|delta|^2 - |L^-1 X delta|^2) / reg``, evaluated in float64 because the two
+    terms can be close.
+    """
+    delta = (features.float() - mean).permute(2, 1, 0)  # (P, C, B)
+    out = torch.empty(delta.shape[0], delta.shape[2], device=delta.device, dtype=torch.float64)
+    for start in range(0, delta.shape[0], chunk):
+        d = delta[start : start + chunk].double()
+        b = centred[start : start + chunk].double() @ d  # (p, N, B)
+        c = torch.linalg.solve_triangular(chol[start : start + chunk], b, upper=False)
+        out[start : start + chunk] = (d.square().sum(1) - c.square().sum(1)) / reg
+    return out.clamp_min_(0).sqrt_().t().to(features.dtype)

@@ -21,15 +21,19 @@ def _batch(images):
                  paths=[str(i) for i in range(n)], defect_types=["good"] * n)
 
 
-@pytest.fixture(scope="module")
-def fitted():
+def _fit(solver: str, n_features: int = 40):
     gen = torch.Generator().manual_seed(0)
     train = torch.randn(24, 3, 64, 64, generator=gen)
     test = torch.randn(3, 3, 64, 64, generator=gen)
-    model = build_method({"name": "padim", "n_features": 40, "reg": 0.01, "blur_sigma": 4.0},
-                         BACKBONE, LAYERS, seed=0)
+    model = build_method({"name": "padim", "n_features": n_features, "reg": 0.01,
+                          "blur_sigma": 4.0, "solver": solver}, BACKBONE, LAYERS, seed=0)
     model.fit([_batch(train[i : i + 5]) for i in range(0, 24, 5)])
     return model, train, test
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fit("auto")  # 24 samples < 40 channels: the low-rank (Woodbury) solver
 
 
 def reference_padim(model: Padim, train: torch.Tensor, test: torch.Tensor):
@@ -67,10 +71,21 @@ def test_padim_matches_reference(fitted):
     np.testing.assert_allclose(pred.image_scores.double().numpy(), ref_scores, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("solver", "n_features"), [("full", 40), ("lowrank", 40), ("auto", 12)])
+def test_every_solver_matches_reference(solver, n_features):
+    model, train, test = _fit(solver, n_features)
+    ref_scores, ref_maps = reference_padim(model, train, test)
+    pred = model.predict(_batch(test))
+    np.testing.assert_allclose(pred.anomaly_maps.double().numpy(), ref_maps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pred.image_scores.double().numpy(), ref_scores, rtol=1e-4)
+    # auto with 24 samples > 12 channels switches to streaming: the full solver's buffers
+    assert (model.inv_cov is not None) == (solver == "full" or n_features < 24)
+
+
 def test_padim_shapes_and_paper_dims(fitted):
     model, _, test = fitted
     assert model.mean.shape == (40, 16 * 16)
-    assert model.inv_cov.shape == (256, 40, 40)
+    assert model.centred.shape == (256, 24, 40) and model.chol.shape == (256, 24, 24)
     pred = model.predict(_batch(test))
     assert pred.anomaly_maps.shape == (3, 64, 64) and pred.image_scores.shape == (3,)
     paper = build_method({"name": "padim", "n_features": None}, BACKBONE, LAYERS, seed=0)
