@@ -3,9 +3,10 @@
 A ResNet-style network (ResNet, WideResNet, ResNeXt from timm) is a stem followed by the
 stages ``layer1`` .. ``layer4``, each a sequence of residual blocks. ``layers`` selects,
 per stage, the block whose output is wanted (``-1`` = the last block = the stage output,
-``None`` = stage unused). The forward pass stops after the last block any selection needs,
-and the unused tail of the network is dropped from memory, so e.g. a layer2-only selection
-never computes layer3.
+``None`` = stage unused). The forward pass stops after the last block any selection needs
+and the stages after it are dropped from memory, so e.g. a layer2-only selection never
+computes layer3. With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, the
+stages it runs are completed and every block output is cached for later selections.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomaly_bench.backbones.cache import FeatureCache, image_key
 from anomaly_bench.backbones.weights import (
     file_tag,
     hub_access,
@@ -119,14 +121,10 @@ class FeatureExtractor(nn.Module):
         self.stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool)
         last_stage = list(self.selection)[-1]
         keep = STAGES if not truncate else STAGES[: STAGES.index(last_stage) + 1]
-        stages = {}
-        for s in keep:
-            blocks = getattr(model, s)
-            if s == last_stage and truncate:
-                blocks = blocks[: self.selection[s] + 1]
-            stages[s] = blocks
-        self.stages = nn.ModuleDict(stages)
+        self.stages = nn.ModuleDict({s: getattr(model, s) for s in keep})
         self.truncate = truncate
+        self.cache: FeatureCache | None = None
+        self.backbone_id = f"{name}.{hub_tag}|{self.weights_tag}"
         self.head = None if truncate else nn.Sequential(model.global_pool, model.fc)
         self.eval().requires_grad_(False)
         with torch.inference_mode():
@@ -141,15 +139,40 @@ class FeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: BN stays in eval mode
         return super().train(False)
 
+    def attach_cache(self, cache: FeatureCache | None) -> None:
+        """Serve and store block outputs through ``cache`` (None detaches)."""
+        self.cache = cache
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            blocks = self._run(images, every_block=False)
+            return {s: blocks[f"{s}.{i}"] for s, i in self.selection.items()}
+        keys = [image_key(img) for img in images]
+        names = [f"{s}.{i}" for s, i in self.selection.items()]
+        hit = self.cache.load(keys, names)
+        if hit is None:
+            blocks = self._run(images, every_block=True)
+            self.cache.store(keys, blocks)
+            hit = {n: blocks[n] for n in names}
+        return {s: hit[n].to(images.device, non_blocking=True)
+                for s, n in zip(self.selection, names, strict=True)}
+
+    def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
+        """Outputs ``{"layerS.i": tensor}`` of the selected blocks, or of every block run.
+
+        Without ``every_block`` the pass stops right after the last selected block."""
+        last_stage = list(self.selection)[-1]
         x = self.stem(images)
         out: dict[str, torch.Tensor] = {}
         for stage, blocks in self.stages.items():
             want = self.selection.get(stage)
             for i, block in enumerate(blocks):
+                if (self.truncate and not every_block and stage == last_stage
+                        and i > self.selection[last_stage]):
+                    return out
                 x = block(x)
-                if i == want:
-                    out[stage] = x
+                if every_block or i == want:
+                    out[f"{stage}.{i}"] = x
         if self.head is not None:
             self.head(x)  # full forward, as a hook-based extractor would run it
-        return {s: out[s] for s in self.selection}
+        return out

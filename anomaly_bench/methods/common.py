@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly_bench.backbones import FeatureExtractor
+from anomaly_bench.backbones.cache import FeatureCache
 from anomaly_bench.ops.blur import gaussian_blur
 
 
@@ -16,7 +17,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
                     seed: int) -> FeatureExtractor:
     """The frozen CNN extractor described by the ``backbone`` and ``layers`` config groups."""
     layers = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
-    return FeatureExtractor(
+    extractor = FeatureExtractor(
         backbone_cfg["name"],
         layers,
         hub_tag=backbone_cfg.get("hub_tag"),
@@ -25,6 +26,10 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
         seed=seed,
         truncate=bool(backbone_cfg.get("truncate", True)),
     )
+    cache = backbone_cfg.get("cache") or {}
+    if cache.get("enabled"):
+        extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id))
+    return extractor
 
 
 def concat_pyramid(features: Mapping[str, torch.Tensor]) -> torch.Tensor:

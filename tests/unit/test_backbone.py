@@ -39,11 +39,43 @@ def test_selected_tensor_is_that_blocks_output(r18):
     assert r18.channels == {"layer1": 64, "layer2": 128, "layer3": 256}
 
 
-def test_truncated_network_drops_unused_tail(r18):
-    assert "layer4" not in r18.stages
-    assert len(r18.stages["layer3"]) == 2  # resnet18 layer3 has 2 blocks; index 1 keeps both
+def test_truncated_network_drops_unused_stages_and_stops_early():
     small = FeatureExtractor("resnet18", {"layer2": 0}, pretrained=False, seed=0)
-    assert list(small.stages) == ["layer1", "layer2"] and len(small.stages["layer2"]) == 1
+    assert list(small.stages) == ["layer1", "layer2"]
+    calls = []
+    small.stages["layer2"][1].register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        small(torch.randn(1, 3, 32, 32))
+    assert calls == []  # the block after the selected one never runs
+    full = FeatureExtractor("resnet18", {"layer2": 0}, pretrained=False, seed=0, truncate=False)
+    assert list(full.stages) == ["layer1", "layer2", "layer3", "layer4"]
+    with torch.inference_mode():
+        torch.testing.assert_close(full(torch.ones(1, 3, 32, 32))["layer2"],
+                                   small(torch.ones(1, 3, 32, 32))["layer2"])
+
+
+def test_feature_cache_serves_other_blocks_of_the_same_images(tmp_path):
+    from anomaly_bench.backbones.cache import FeatureCache
+
+    x = torch.randn(3, 3, 64, 64)
+    first = FeatureExtractor("resnet18", {"layer1": 0, "layer2": -1}, pretrained=False, seed=0)
+    first.attach_cache(FeatureCache(tmp_path, first.backbone_id))
+    with torch.inference_mode():
+        first(x)
+    assert first.cache.misses == 3 and first.cache.hits == 0
+    other = FeatureExtractor("resnet18", {"layer1": 1, "layer2": 0}, pretrained=False, seed=0)
+    with torch.inference_mode():
+        expected = other(x)
+    other.attach_cache(FeatureCache(tmp_path, other.backbone_id))
+    other.stem = None  # a cache hit must not touch the network
+    with torch.inference_mode():
+        got = other(x)
+    assert other.cache.hits == 3
+    for stage in expected:
+        torch.testing.assert_close(got[stage], expected[stage])
+    seeded = FeatureExtractor("resnet18", {"layer1": 1}, pretrained=False, seed=1)
+    cache = FeatureCache(tmp_path, seeded.backbone_id)
+    assert cache.dir != other.cache.dir  # other weights, other cache folder
 
 
 def test_random_init_is_seeded_and_tagged():
