@@ -89,7 +89,8 @@ def load(path: Path) -> dict[str, Any]:
 def restore(payload: dict[str, Any], source: Path) -> AnomalyMethod:
     """Rebuild the method from the checkpoint's own config and load its fitted state."""
     cfg = payload["config"]
-    backbone = dict(cfg["backbone"], pretrained=False, weights=None)  # weights come from the file
+    # the network's weights come from the file, loaded into a private (unshared) instance
+    backbone = dict(cfg["backbone"], pretrained=False, weights=None, shared=False)
     method = build_method(cfg["method"], backbone, cfg["layers"], int(payload["seed"]))
     load_fitted_state(method, payload["state_dict"], str(source))
     return method

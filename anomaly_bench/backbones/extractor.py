@@ -31,7 +31,34 @@ from anomaly_bench.errors import ConfigError, WeightsError
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+_MODELS: dict[tuple, tuple[nn.Module, str]] = {}
+
+
 def create_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
+                      seed: int, shared: bool = True) -> tuple[nn.Module, str]:
+    """The frozen timm model ``name`` with its weights, built once per process.
+
+    Extractors never modify their network (frozen, eval mode), so every extractor with
+    the same architecture and weights shares one instance: a sweep that runs many jobs in
+    one process pays the construction (seconds for a WideResNet) only once. A weights file
+    is keyed by its path, size and modification time. ``shared=False`` builds a private
+    instance (for loading other weights into it).
+    """
+    if not shared:
+        return _build_timm_model(name, hub_tag, pretrained, weights, seed)
+    stamp = None
+    if weights:
+        p = Path(weights).expanduser()
+        stamp = (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+    key = (name, hub_tag, bool(pretrained), str(weights), stamp, seed)
+    if key not in _MODELS:
+        model, tag = _build_timm_model(name, hub_tag, pretrained, weights, seed)
+        _MODELS.clear()  # keep one network alive at a time
+        _MODELS[key] = (model.eval().requires_grad_(False), tag)
+    return _MODELS[key]
+
+
+def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
                       seed: int) -> tuple[nn.Module, str]:
     """Build ``name`` with timm and load its weights; return (model, weights tag).
 
@@ -104,12 +131,14 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, name: str, layers: Mapping[str, int | None], *, hub_tag: str | None = None,
                  pretrained: bool = True, weights: str | None = None, seed: int = 0,
-                 truncate: bool = True) -> None:
+                 truncate: bool = True, shared: bool = True) -> None:
         """``truncate=False`` keeps the whole network and runs its full forward pass
         (classifier included), collecting the selected blocks with forward hooks; it costs
-        more and exists to measure what truncation saves."""
+        more and exists to measure what truncation saves. ``shared=False`` gives the
+        extractor a private network instead of the per-process shared one."""
         super().__init__()
-        model, self.weights_tag = create_timm_model(name, hub_tag, pretrained, weights, seed)
+        model, self.weights_tag = create_timm_model(name, hub_tag, pretrained, weights, seed,
+                                                    shared)
         if not all(isinstance(getattr(model, s, None), nn.Sequential) for s in STAGES):
             raise ConfigError(
                 f"backbone {name} has no ResNet-style stages layer1..layer4; block selection "

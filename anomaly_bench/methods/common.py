@@ -25,6 +25,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
         weights=backbone_cfg.get("weights"),
         seed=seed,
         truncate=bool(backbone_cfg.get("truncate", True)),
+        shared=bool(backbone_cfg.get("shared", True)),
     )
     cache = backbone_cfg.get("cache") or {}
     if cache.get("enabled"):

@@ -1,0 +1,294 @@
+"""From sample records to batches: image reading, preprocessing, masks and the DataLoader.
+
+Images are read with PIL and fully decoded (a truncated file is an error, never silently
+padded), turned into RGB, resized to ``size x size`` with PIL's anti-aliased bilinear
+filter, centre-cropped and normalised. Masks follow the same geometry with nearest
+resampling. No torchvision: the same code runs wherever torch and Pillow do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
+from anomaly_bench.types import ANOMALOUS, Batch, SampleRecord
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ``transform_pil(image, mask, record)`` -> ``(image, mask)`` or ``(image, mask, k)``: applied
+#: to the native-size PIL image and mask (None when there is none) before preprocessing,
+#: e.g. by alignment to rotate both; ``k`` (quarter turns applied) goes to ``Batch.rotations``.
+TransformPil = Callable[
+    [Image.Image, Image.Image | None, SampleRecord],
+    tuple[Image.Image, Image.Image | None] | tuple[Image.Image, Image.Image | None, int],
+]
+
+
+# ---------------------------------------------------------------------- reading
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB copy of a loaded image; 16/32-bit grayscale is scaled to 8 bits first."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr)
+    return im.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` as a fully decoded RGB PIL image; DataError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _to_rgb(im)
+    except FileNotFoundError:
+        raise DataError(f"Image {path} does not exist (it was listed by the dataset).") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"Cannot read image {path}: {exc}. Expected a complete PNG/JPEG/BMP/TIFF file; "
+            f"the file may be truncated or corrupt (re-extract or re-download the dataset)."
+        ) from None
+
+
+def read_mask(path: str | Path, image_size: tuple[int, int], image_path: str | Path) -> Image.Image:
+    """The mask at ``path`` as an 'L' image with 0/255 (non-zero = defect).
+
+    Its size is checked against ``image_size`` (W, H) from the header, before decoding.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as m:
+            if m.size != tuple(image_size):
+                raise DataError(
+                    f"Mask {path} is {m.size[0]}x{m.size[1]} but image {image_path} is "
+                    f"{image_size[0]}x{image_size[1]}: a mask must have the size of its image."
+                )
+            m.load()
+            arr = np.asarray(m)
+            if m.mode in ("RGBA", "LA", "PA", "La"):
+                arr = arr[..., :-1]
+    except FileNotFoundError:
+        raise DataError(f"Mask {path} of image {image_path} does not exist.") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"Cannot read mask {path} (of image {image_path}): {exc}. Expected a complete "
+            f"image file; it may be truncated or corrupt."
+        ) from None
+    binary = arr.any(axis=-1) if arr.ndim == 3 else arr > 0
+    return Image.fromarray(binary.astype(np.uint8) * 255)
+
+
+# ---------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to ``size`` x ``size`` (None = native), centre-crop ``crop`` (None = none), normalise.
+
+    The MVTec papers' 256 resize / 224 crop is the default.
+    """
+
+    size: int | None = 256
+    crop: int | None = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for key in ("size", "crop"):
+            val = getattr(self, key)
+            if val is not None and (isinstance(val, bool) or int(val) != val or int(val) < 1):
+                raise ConfigError(f"resolution.{key}={val!r} must be a positive integer or null.")
+            if val is not None:
+                object.__setattr__(self, key, int(val))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def output_size(self, native_hw: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of a preprocessed image whose native size is ``native_hw``."""
+        h, w = (self.size, self.size) if self.size is not None else tuple(native_hw)
+        if self.crop is not None:
+            if self.crop > h or self.crop > w:
+                raise ConfigError(
+                    f"resolution.crop={self.crop} is larger than the {w}x{h} image it crops "
+                    f"(resolution.size={self.size}): lower the crop or raise the size."
+                )
+            h = w = self.crop
+        return int(h), int(w)
+
+    def _geometry(self, pil: Image.Image, resample: Image.Resampling) -> Image.Image:
+        if self.size is not None and pil.size != (self.size, self.size):
+            pil = pil.resize((self.size, self.size), resample)
+        if self.crop is not None:
+            w, h = pil.size
+            self.output_size((h, w))  # validates crop <= size
+            top = round((h - self.crop) / 2.0)
+            left = round((w - self.crop) / 2.0)
+            pil = pil.crop((left, top, left + self.crop, top + self.crop))
+        return pil
+
+    def image(self, pil: Image.Image) -> torch.Tensor:
+        """(3, H, W) float32 normalised tensor; grayscale becomes 3-channel RGB."""
+        if pil.mode != "RGB":
+            pil = _to_rgb(pil)
+        pil = self._geometry(pil, Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.float32).copy()).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) * 255.0
+        return (x - mean) / std
+
+    def mask(self, pil: Image.Image) -> torch.Tensor:
+        """(1, H, W) float {0, 1} tensor: nearest resize, same crop as :meth:`image`."""
+        if pil.mode != "L":
+            arr = np.asarray(pil)
+            arr = arr.any(axis=-1) if arr.ndim == 3 else arr > 0
+            pil = Image.fromarray(arr.astype(np.uint8) * 255)
+        pil = self._geometry(pil, Image.Resampling.NEAREST)
+        return torch.from_numpy((np.asarray(pil) > 0).astype(np.float32))[None]
+
+
+# ---------------------------------------------------------------------- dataset
+class RecordDataset(Dataset):
+    """Preprocessed items of a list of :class:`SampleRecord`.
+
+    Each item is a dict with ``image`` (3, H, W), ``label``, ``path``, ``defect_type``,
+    ``rotation`` and, when ``with_masks``, ``mask`` (1, H, W) (zeros for normal images
+    without a mask file).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[SampleRecord],
+        preprocess: Preprocess,
+        with_masks: bool = True,
+        transform_pil: TransformPil | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.preprocess = preprocess
+        self.with_masks = with_masks
+        self.transform_pil = transform_pil
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        image = read_image(rec.image_path)
+        mask = None
+        if self.with_masks:
+            if rec.mask_path is not None:
+                mask = read_mask(rec.mask_path, image.size, rec.image_path)
+            elif rec.label == ANOMALOUS:
+                raise DataError(
+                    f"The anomalous test image {rec.image_path} has no mask although the "
+                    f"dataset has pixel masks: add its mask to the ground-truth folder."
+                )
+        rotation = 0
+        if self.transform_pil is not None:
+            out = self.transform_pil(image, mask, rec)
+            image, mask = out[0], out[1]
+            rotation = int(out[2]) if len(out) > 2 else 0
+        x = self.preprocess.image(image)
+        item: dict[str, Any] = {
+            "image": x, "label": int(rec.label), "path": str(rec.image_path),
+            "defect_type": rec.defect_type, "rotation": rotation,
+        }
+        if self.with_masks:
+            item["mask"] = (self.preprocess.mask(mask) if mask is not None
+                            else torch.zeros((1, *x.shape[1:]), dtype=torch.float32))
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Stack dataset items into a :class:`Batch` (masks only when every item has one)."""
+    shapes = {tuple(it["image"].shape) for it in items}
+    if len(shapes) > 1:
+        a, b = items[0], next(it for it in items if it["image"].shape != items[0]["image"].shape)
+        raise DataError(
+            f"Images of different sizes in one batch: {a['path']} gives "
+            f"{tuple(a['image'].shape[1:])} but {b['path']} gives {tuple(b['image'].shape[1:])}. "
+            f"Set resolution.size (or resolution.crop) so that all images share one size."
+        )
+    has_masks = all("mask" in it for it in items)
+    return Batch(
+        images=torch.stack([it["image"] for it in items]),
+        labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
+        paths=[it["path"] for it in items],
+        defect_types=[it["defect_type"] for it in items],
+        masks=torch.stack([it["mask"] for it in items]) if has_masks else None,
+        rotations=torch.tensor([it.get("rotation", 0) for it in items], dtype=torch.long),
+    )
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The original message of an error re-raised from a DataLoader worker."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(exc).__name__}: "
+    cut = text.rfind(marker)
+    return text[cut + len(marker):].strip() if cut >= 0 else text
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose user-facing errors keep their one-paragraph message with workers.
+
+    Workers are shut down as soon as iteration stops (error, exhaustion or an early
+    ``break``), not whenever the garbage collector reaches the iterator.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        it = super().__iter__()
+        error: AnomalyBenchError | None = None
+        try:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except AnomalyBenchError as exc:
+                    error = type(exc)(_worker_message(exc))
+                    break
+                yield batch
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+            del it
+        raise error from None
+
+
+def make_loader(
+    records: list[SampleRecord],
+    preprocess: Preprocess,
+    batch_size: int,
+    num_workers: int = 0,
+    with_masks: bool = True,
+    transform_pil: TransformPil | None = None,
+) -> DataLoader:
+    """An ordered (unshuffled) loader of :class:`Batch` over ``records``."""
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+    if int(num_workers) < 0:
+        raise ConfigError(f"num_workers={num_workers} must be 0 or more.")
+    dataset = RecordDataset(records, preprocess, with_masks, transform_pil)
+    return _Loader(
+        dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
+        collate_fn=collate, drop_last=False,
+    )
+
+
+def denormalize(images: torch.Tensor, preprocess: Preprocess) -> np.ndarray:
+    """(N, H, W, 3) uint8 images from normalised (N, 3, H, W) tensors, for plots."""
+    x = images.detach().float().cpu()
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x * std + mean).clamp(0, 1) * 255.0
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

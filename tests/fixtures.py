@@ -1,0 +1,100 @@
+"""Writers of tiny datasets (a few 32x32 images) in each published layout.
+
+Plain functions (``from fixtures import write_mvtec``; pytest puts ``tests/`` on the path
+through ``tests/conftest.py``), so module-scoped fixtures can call them too. The
+``make_dataset`` fixture of ``tests/conftest.py`` wraps them for ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 32
+
+
+def write_image(path: Path, seed: int = 0, size: tuple[int, int] = (SIZE, SIZE),
+                mode: str = "RGB") -> Path:
+    """A random image (``size`` is W, H) in any format PIL infers from the suffix."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    shape = (h, w, 3) if mode == "RGB" else (h, w)
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+def write_mask(path: Path, size: tuple[int, int] = (SIZE, SIZE),
+               box: tuple[int, int, int, int] = (8, 8, 16, 16)) -> Path:
+    """A 0/255 mask (``size`` is W, H) whose rectangle ``box`` (x0, y0, x1, y1) is the defect."""
+    w, h = size
+    arr = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def write_category(
+    folder: Path,
+    *,
+    good: str = "good",
+    defects: Sequence[str] = ("crack", "hole"),
+    n_train: int = 3,
+    n_good: int = 2,
+    n_defect: int = 2,
+    ext: str = ".png",
+    mask_ext: str = ".png",
+    mask_suffix: str | None = "_mask",
+    seed: int = 0,
+) -> Path:
+    """One MVTec-like category; ``mask_suffix=None`` writes no ground_truth folder."""
+    for i in range(n_train):
+        write_image(folder / "train" / good / f"{i:03d}{ext}", seed + i)
+    for i in range(n_good):
+        write_image(folder / "test" / good / f"{i:03d}{ext}", seed + 100 + i)
+    for d, defect in enumerate(defects):
+        for i in range(n_defect):
+            write_image(folder / "test" / defect / f"{i:03d}{ext}", seed + 200 + 10 * d + i)
+            if mask_suffix is not None:
+                write_mask(folder / "ground_truth" / defect / f"{i:03d}{mask_suffix}{mask_ext}")
+    return folder
+
+
+def write_mvtec(root: Path, categories: Sequence[str] = ("bottle", "cable"), **kw) -> Path:
+    """MVTec AD: ``<root>/<cat>/{train/good, test/<defect>, ground_truth/<defect>/*_mask.png}``."""
+    for c, cat in enumerate(categories):
+        write_category(root / cat, seed=1000 * c, **kw)
+    return root
+
+
+def write_btad(root: Path) -> Path:
+    """BTAD: 01 (bmp images, png masks), 02 (png, png), 03 (bmp, bmp); ok/ko folders."""
+    exts = {"01": (".bmp", ".png"), "02": (".png", ".png"), "03": (".bmp", ".bmp")}
+    for c, (cat, (ext, mext)) in enumerate(exts.items()):
+        write_category(root / cat, good="ok", defects=("ko",), ext=ext, mask_ext=mext,
+                       mask_suffix="", seed=1000 * c)
+    return root
+
+
+def write_mpdd(root: Path) -> Path:
+    """MPDD: two categories, masks with the ``_mask`` suffix in one and without in the other."""
+    write_category(root / "bracket_black", defects=("hole", "scratches"), mask_suffix="_mask")
+    write_category(root / "tubes", defects=("anomalous",), mask_suffix="", seed=500)
+    return root
+
+
+def write_folder(root: Path, masks: bool = True) -> Path:
+    """A custom folder: train/good, test/good, test/<defect>, optional ground_truth/<defect>."""
+    return write_category(root, defects=("dent",), mask_suffix="_mask" if masks else None)
+
+
+WRITERS: dict[str, Callable[..., Path]] = {
+    "mvtec": write_mvtec, "btad": write_btad, "mpdd": write_mpdd, "folder": write_folder,
+}
+

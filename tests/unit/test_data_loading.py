@@ -1,0 +1,167 @@
+"""Preprocessing, items, batches and the user-facing errors of image and mask loading."""
+
+import numpy as np
+import pytest
+import torch
+from fixtures import write_image, write_mask
+from PIL import Image
+
+from anomaly_bench.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    RecordDataset,
+    denormalize,
+    get_layout,
+    make_loader,
+)
+from anomaly_bench.errors import ConfigError, DataError
+from anomaly_bench.types import Batch, SampleRecord
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "native", "expected"),
+    [(256, 224, (30, 40), (224, 224)), (256, None, (30, 40), (256, 256)),
+     (None, None, (30, 40), (30, 40)), (None, 20, (30, 40), (20, 20))],
+)
+def test_preprocess_output_shapes(tmp_path, size, crop, native, expected):
+    h, w = native
+    img = Image.open(write_image(tmp_path / "a.png", size=(w, h)))
+    mask = Image.open(write_mask(tmp_path / "m.png", size=(w, h)))
+    pre = Preprocess(size=size, crop=crop)
+    assert pre.output_size(native) == expected
+    x, m = pre.image(img), pre.mask(mask)
+    assert x.shape == (3, *expected) and x.dtype == torch.float32
+    assert m.shape == (1, *expected) and set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_crop_larger_than_image_is_a_config_error():
+    with pytest.raises(ConfigError, match="crop=300"):
+        Preprocess(size=256, crop=300).output_size((10, 10))
+    with pytest.raises(ConfigError):
+        Preprocess(size=0)
+
+
+def test_normalisation_and_denormalize_round_trip(tmp_path):
+    arr = np.full((8, 8, 3), (255, 128, 0), np.uint8)
+    pre = Preprocess(size=None, crop=None)
+    x = pre.image(Image.fromarray(arr))
+    stats = zip((255, 128, 0), IMAGENET_MEAN, IMAGENET_STD, strict=True)
+    want = [(v / 255 - m) / s for v, m, s in stats]
+    assert torch.allclose(x[:, 0, 0], torch.tensor(want), atol=1e-5)
+    back = denormalize(x[None], pre)
+    assert back.shape == (1, 8, 8, 3) and back.dtype == np.uint8
+    assert np.array_equal(back[0], arr)
+
+
+def test_center_crop_matches_the_mask_geometry(tmp_path):
+    # a defect square at the centre of a 64x64 image stays centred after 32 resize + 16 crop
+    img = write_image(tmp_path / "a.png", size=(64, 64))
+    mask = write_mask(tmp_path / "m.png", size=(64, 64), box=(24, 24, 40, 40))
+    pre = Preprocess(size=32, crop=16)
+    m = pre.mask(Image.open(mask))[0]
+    assert m[4:12, 4:12].all() and m.sum() == 64
+    assert pre.image(Image.open(img)).shape == (3, 16, 16)
+
+
+def test_grayscale_becomes_three_channels(tmp_path):
+    path = write_image(tmp_path / "g.png", mode="L")
+    item = RecordDataset([SampleRecord(path, 0)], Preprocess(None, None))[0]
+    x = item["image"]
+    assert x.shape == (3, 32, 32)
+    raw = torch.from_numpy(np.asarray(Image.open(path), np.float32) / 255)
+    for c in range(3):
+        assert torch.allclose(x[c] * IMAGENET_STD[c] + IMAGENET_MEAN[c], raw, atol=1e-5)
+
+
+def test_sixteen_bit_grayscale_is_scaled(tmp_path):
+    arr = np.full((4, 4), 65535, np.uint16)
+    Image.fromarray(arr).save(tmp_path / "w.png")
+    x = RecordDataset([SampleRecord(tmp_path / "w.png", 0)], Preprocess(None, None))[0]["image"]
+    assert torch.allclose(x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], torch.ones(4, 4), atol=1e-5)
+
+
+def test_loader_yields_batches_with_masks(make_dataset):
+    root = make_dataset("mvtec", categories=("bottle",))
+    split = get_layout("mvtec").split(root, "bottle")
+    batches = list(make_loader(split.test, Preprocess(64, 48), batch_size=4))
+    assert [len(b.paths) for b in batches] == [4, 2]
+    batch = batches[0]
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (4, 3, 48, 48) and batch.masks.shape == (4, 1, 48, 48)
+    # test folders in name order: crack, good, hole
+    assert batch.labels.tolist() == [1, 1, 0, 0] and batch.rotations.tolist() == [0, 0, 0, 0]
+    assert batch.defect_types == ["crack", "crack", "good", "good"]
+    assert batch.masks[2:].sum() == 0 and (batch.masks[:2].sum((1, 2, 3)) > 0).all()
+    assert set(batch.masks.unique().tolist()) == {0.0, 1.0}
+    no_masks = next(iter(make_loader(split.test, Preprocess(64, 48), 4, with_masks=False)))
+    assert no_masks.masks is None
+
+
+def test_transform_hook_turns_image_and_mask(tmp_path):
+    img = write_image(tmp_path / "a.png")
+    mask = write_mask(tmp_path / "m.png", box=(0, 0, 8, 4))  # top-left strip
+    rec = SampleRecord(img, 1, "crack", mask)
+
+    def quarter_turn(image, m, record):
+        assert record is rec
+        return image.transpose(Image.Transpose.ROTATE_90), m.transpose(Image.Transpose.ROTATE_90), 1
+
+    pre = Preprocess(None, None)
+    batch = next(iter(make_loader([rec], pre, 1, transform_pil=quarter_turn)))
+    plain = next(iter(make_loader([rec], pre, 1)))
+    assert batch.rotations.tolist() == [1]
+    assert torch.equal(batch.images, torch.rot90(plain.images, 1, (2, 3)))
+    assert torch.equal(batch.masks, torch.rot90(plain.masks, 1, (2, 3)))
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    path = write_image(tmp_path / "cut.png", size=(64, 64))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    loader = make_loader([SampleRecord(path, 0)], Preprocess(None, None), 1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    path = tmp_path / "junk.png"
+    path.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"junk\.png"):
+        RecordDataset([SampleRecord(path, 0)], Preprocess())[0]
+
+
+def test_mask_size_mismatch(tmp_path):
+    img = write_image(tmp_path / "img.png", size=(64, 64))
+    mask = write_mask(tmp_path / "img_mask.png", size=(100, 80))
+    ds = RecordDataset([SampleRecord(img, 1, "crack", mask)], Preprocess())
+    with pytest.raises(DataError) as err:
+        ds[0]
+    assert f"mask {mask} is 100x80 but image {img} is 64x64" in str(err.value).lower()
+
+
+def test_anomalous_record_without_mask_when_masks_expected(tmp_path):
+    img = write_image(tmp_path / "img.png")
+    ds = RecordDataset([SampleRecord(img, 1, "crack")], Preprocess(), with_masks=True)
+    with pytest.raises(DataError, match=r"img\.png has no mask"):
+        ds[0]
+    assert "mask" not in RecordDataset([SampleRecord(img, 1)], Preprocess(), False)[0]
+
+
+def test_mixed_native_sizes_in_a_batch(tmp_path):
+    a = write_image(tmp_path / "a.png", size=(32, 32))
+    b = write_image(tmp_path / "b.png", size=(40, 32))
+    loader = make_loader([SampleRecord(a, 0), SampleRecord(b, 0)], Preprocess(None, None), 2)
+    with pytest.raises(DataError, match=r"resolution\.size"):
+        next(iter(loader))
+
+
+def test_worker_errors_keep_their_message(tmp_path):
+    path = tmp_path / "junk.png"
+    path.write_bytes(b"\x89PNG broken")
+    loader = make_loader([SampleRecord(path, 0)], Preprocess(None, None), 1, num_workers=1)
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert msg.startswith(f"Cannot read image {path}") and "Traceback" not in msg
