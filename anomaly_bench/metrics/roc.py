@@ -1,0 +1,117 @@
+"""ROC curve, AUROC and F1-max in pure torch, matching scikit-learn.
+
+All three share one descending sort of the scores followed by a cumulative count of
+positives, so they run in O(N log N) on whatever device the scores live on (pixel AUROC
+pools millions of pixels). Ties are collapsed to one point per distinct score, keeping
+the last position of each run of equal scores, exactly as ``sklearn.metrics`` does.
+Counts are accumulated as float64, which is exact up to 2**53 samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("anomaly_bench")
+
+__all__ = ["auroc", "binary_labels", "f1_max", "roc_curve"]
+
+
+def binary_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels or masks as a bool tensor: bool kept, numbers ``> 0.5`` are positive."""
+    labels = torch.as_tensor(labels)
+    return labels if labels.dtype == torch.bool else labels > 0.5
+
+
+def _flatten(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat scores (floating point, as given) and bool labels on the scores' device."""
+    scores = torch.as_tensor(scores)
+    labels = binary_labels(labels).to(scores.device)
+    if scores.numel() != labels.numel():
+        raise ValueError(f"scores ({tuple(scores.shape)}) and labels ({tuple(labels.shape)}) "
+                         "hold different numbers of elements")
+    scores = scores.reshape(-1)
+    if not scores.is_floating_point():
+        scores = scores.double()
+    return scores, labels.reshape(-1)
+
+
+def _tie_counts(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cumulative false and true positives at each distinct score, highest score first.
+
+    Returns ``fps``, ``tps`` (float64) and the matching thresholds; point ``i`` counts every
+    sample whose score is ``>= thresholds[i]`` as positive (sklearn's ``_binary_clf_curve``).
+    """
+    sorted_scores, order = torch.sort(scores, descending=True)
+    tps_all = torch.cumsum(labels[order], 0, dtype=torch.float64)
+    last = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    idx = last.nonzero().squeeze(1)
+    tps = tps_all[idx]
+    fps = (idx + 1).to(torch.float64) - tps
+    return fps, tps, sorted_scores[idx]
+
+
+def _has_nan(scores: torch.Tensor) -> bool:
+    """True (with a warning) when ``scores`` contain NaN, which has no rank."""
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        log.warning("scores contain NaN; the metric is undefined and reported as None")
+        return True
+    return False
+
+
+def roc_curve(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ROC curve like ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
+
+    One point per distinct score (ties collapsed) plus the (0, 0) start whose threshold is
+    ``inf``. ``fpr``/``tpr`` are float64; they hold NaN when a class is absent, as sklearn's.
+    """
+    s, y = _flatten(scores, labels)
+    if torch.isnan(s).any():
+        raise ValueError("roc_curve: scores contain NaN")
+    fps, tps, thresholds = _tie_counts(s, y)
+    zero = fps.new_zeros(1)
+    fps, tps = torch.cat([zero, fps]), torch.cat([zero, tps])
+    thresholds = torch.cat([thresholds.new_full((1,), float("inf")), thresholds])
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Area under the ROC curve (trapezoids over tie-collapsed points), as ``roc_auc_score``.
+
+    None when the labels hold one class only (or nothing) or the scores contain NaN.
+    The area is summed in integer count units and divided once, so it is exact to float64.
+    """
+    s, y = _flatten(scores, labels)
+    if s.numel() == 0 or _has_nan(s):
+        return None
+    fps, tps, _ = _tie_counts(s, y)
+    n_neg, n_pos = float(fps[-1]), float(tps[-1])
+    if n_neg == 0 or n_pos == 0:
+        return None
+    d_fps = torch.diff(fps, prepend=fps.new_zeros(1))
+    tps_prev = torch.cat([tps.new_zeros(1), tps[:-1]])
+    twice_area = float((d_fps * (tps + tps_prev)).sum())
+    return min(max(twice_area / (2.0 * n_neg * n_pos), 0.0), 1.0)
+
+
+def f1_max(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Best F1 over all thresholds of the precision-recall curve (sklearn's points).
+
+    At each distinct score F1 = 2 TP / (TP + FP + P). None when there is no positive or the
+    scores contain NaN.
+    """
+    s, y = _flatten(scores, labels)
+    if s.numel() == 0 or _has_nan(s):
+        return None
+    fps, tps, _ = _tie_counts(s, y)
+    n_pos = tps[-1]
+    if float(n_pos) == 0:
+        return None
+    f1 = 2.0 * tps / (tps + fps + n_pos)
+    return min(max(float(f1.max()), 0.0), 1.0)
