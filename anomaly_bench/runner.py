@@ -50,6 +50,7 @@ class Outputs:
     masks: torch.Tensor | None
     paths: list[str]
     defect_types: list[str]
+    rotations: torch.Tensor
 
 
 def _plain(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class Runner:
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
         self.results_path = self.run_dir / "results.csv"
+        self.transform: Any = None  # loader hook of the current category's alignment
 
     # ------------------------------------------------------------------ orchestration
     def run(self) -> list[dict[str, Any]]:
@@ -124,6 +126,7 @@ class Runner:
         weights_tag = weights_tag or method.weights_tag
         preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
                                 crop=model_cfg["resolution"].get("crop"))
+        self.transform = self._alignment(model_cfg["alignment"], split)
         cat_dir = self.run_dir / split.category
         train_time = Stopwatch(self.device)
         with PeakMemory(self.device) as peak:
@@ -154,7 +157,8 @@ class Runner:
             "n_test": len(split.test) if outputs is not None else None,
             "train_s": train_time.seconds if cfg.stage != "test" else None,
             "test_s": test_s if outputs is not None else None,
-            "ms_per_image": 1000 * test_s / max(len(split.test), 1) if outputs is not None else None,
+            "ms_per_image": (1000 * test_s / max(len(split.test), 1)
+                             if outputs is not None else None),
             "peak_mem_mb": peak.peak_mb,
             "device": str(self.device),
             "overrides": self.overrides,
@@ -169,6 +173,21 @@ class Runner:
                      _fmt(row["aupro"]), row["ms_per_image"])
         return row
 
+    def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
+        """The loader hook rotating images and masks as the alignment decides, or None."""
+        from anomaly_bench.alignment.hook import rotation_hook
+        from anomaly_bench.alignment.orb import build_aligner
+
+        aligner = build_aligner(cfg, [r.image_path for r in split.train])
+        if aligner is None:
+            return None
+        result = aligner.align_all([r.image_path for r in split.train + split.test],
+                                   desc=f"align {split.category}")
+        if result.fallbacks:
+            log.warning("%s: %d of %d images had too few ORB matches and were not rotated",
+                        split.category, len(result.fallbacks), len(split.train) + len(split.test))
+        return rotation_hook(result.rotations)
+
     def _save_model(self) -> bool:
         flag = self.cfg.save_model
         if isinstance(flag, str) and flag == "auto":
@@ -179,7 +198,8 @@ class Runner:
     def _batches(self, records: list, preprocess: Preprocess, split: CategorySplit,
                  what: str) -> Iterator[Batch]:
         loader = make_loader(records, preprocess, int(self.cfg.batch_size),
-                             int(self.cfg.num_workers), with_masks=split.has_masks)
+                             int(self.cfg.num_workers), with_masks=split.has_masks,
+                             transform_pil=self.transform)
         desc = f"{what} {split.category}"
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield batch.to(self.device)
@@ -187,7 +207,7 @@ class Runner:
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
-        scores, labels, maps, masks, paths, defects = [], [], [], [], [], []
+        scores, labels, maps, masks, paths, defects, turns = [], [], [], [], [], [], []
         for batch in self._batches(split.test, preprocess, split, "test"):
             with watch:
                 pred = method.predict(batch)
@@ -198,10 +218,12 @@ class Runner:
                 masks.append(batch.masks[:, 0] > 0.5)
             paths += batch.paths
             defects += batch.defect_types
+            turns.append(batch.rotations if batch.rotations is not None
+                         else torch.zeros(len(batch.paths), dtype=torch.long))
         out = Outputs(
             scores=torch.cat(scores), labels=torch.cat(labels), maps=torch.cat(maps),
             masks=torch.cat(masks) if masks and split.has_masks else None,
-            paths=paths, defect_types=defects,
+            paths=paths, defect_types=defects, rotations=torch.cat([t.cpu() for t in turns]),
         )
         return out, watch.seconds
 
@@ -235,12 +257,20 @@ class Runner:
         pick = _overlay_selection(labels, int(self.cfg.plots.max_overlays))
         if pick.size:
             records = [split.test[i] for i in pick]
-            loader = make_loader(records, preprocess, len(records), 0, with_masks=split.has_masks)
+            loader = make_loader(records, preprocess, len(records), 0, with_masks=split.has_masks,
+                                 transform_pil=self.transform)
             batch = next(iter(loader))
             images = denormalize(batch.images, preprocess)
             maps = out.maps[torch.as_tensor(pick, device=out.maps.device)].float().cpu().numpy()
             masks = (out.masks[torch.as_tensor(pick, device=out.masks.device)].cpu().numpy()
                      if out.masks is not None else None)
+            # show every image in its original orientation: undo the alignment's turns
+            for j, k in enumerate(out.rotations[pick].tolist()):
+                if k:
+                    images[j] = np.rot90(images[j], -k)
+                    maps[j] = np.rot90(maps[j], -k)
+                    if masks is not None:
+                        masks[j] = np.rot90(masks[j], -k)
             vmin, vmax = float(out.maps.min()), float(out.maps.max())
             titles = [f"{out.defect_types[i]} · {scores[i]:.3g}" for i in pick]
             plots.plot_overlay_grid(pdir / "overlays.png", images, maps, masks, titles, vmin, vmax)

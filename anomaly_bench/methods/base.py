@@ -18,7 +18,8 @@ from torch import nn
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.types import Batch, Prediction
 
-MethodFactory = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], int], "AnomalyMethod"]
+Config = Mapping[str, Any]
+MethodFactory = Callable[[Config, Config, Config, int], "AnomalyMethod"]
 _REGISTRY: dict[str, MethodFactory] = {}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("anomaly_bench")
 
@@ -24,8 +24,13 @@ class SweepSummary(Callback):
         from anomaly_bench.report.summary import write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        opts = OmegaConf.to_container(config.get("summary") or {}, resolve=True)
+        assert isinstance(opts, dict)
+        metric = str(opts.get("metric", "image_auroc"))
+        marks = {str(k): str(v) for k, v in (opts.get("default") or {}).items()}
         try:
-            csv_path, md_path = write_summary(sweep_dir)
+            csv_path, md_path = write_summary(sweep_dir, metric=metric,
+                                              default_marks=marks or None)
         except AnomalyBenchError as exc:
             log.warning("no sweep summary: %s", exc)
             return

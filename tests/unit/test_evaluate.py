@@ -1,16 +1,11 @@
 """compute_metrics: values against scikit-learn and the PRO reference, None when undefined."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from test_metrics_pro import _random_case, _reference_aupro  # the shared slow references
 
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
-
-sys.path.insert(0, str(Path(__file__).parent))  # shared reference helpers
-from test_metrics_pro import _random_case, _reference_aupro
 
 
 def _case(seed: int = 0):

@@ -10,7 +10,7 @@ from anomaly_bench.ops.gaussian import GaussianAccumulator, mahalanobis
 
 def reference_fit(feats: np.ndarray, reg: float):
     """Per-position np.cov (unbiased) + reg*I and its inverse, one position at a time."""
-    n, c, p = feats.shape
+    _, c, p = feats.shape
     mean = feats.mean(axis=0)
     inv = np.empty((p, c, c))
     for i in range(p):
