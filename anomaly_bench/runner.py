@@ -175,6 +175,8 @@ class Runner:
 
     def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
         """The loader hook rotating images and masks as the alignment decides, or None."""
+        if cfg.get("name", "none") == "none":
+            return None
         from anomaly_bench.alignment.hook import rotation_hook
         from anomaly_bench.alignment.orb import build_aligner
 

@@ -31,6 +31,7 @@ class SweepSummary(Callback):
         try:
             csv_path, md_path = write_summary(sweep_dir, metric=metric,
                                               default_marks=marks or None)
+            print(md_path.read_text())
         except AnomalyBenchError as exc:
             log.warning("no sweep summary: %s", exc)
             return

@@ -1,0 +1,1 @@
+"""Reports: results.csv rows, per-category plots, sweep summaries."""

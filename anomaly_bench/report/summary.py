@@ -1,0 +1,165 @@
+"""Sweep summaries: every job's rows in summary.csv, a ranked table in summary.md.
+
+The Hydra callback writes them when a multirun ends; when it never ran (a crash, a
+cluster submission that ended elsewhere) the same files come from::
+
+    python -m anomaly_bench.report.summary SWEEP_DIR [--metric image_auroc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from anomaly_bench.errors import AnomalyBenchError
+from anomaly_bench.report.results import COLUMNS, read_rows, write_csv
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
+
+def _job_dirs(sweep_dir: Path) -> list[tuple[int, Path]]:
+    jobs = [(int(p.name), p) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(jobs)
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of every job's results.csv plus ``job`` and the swept keys, and those keys.
+
+    A key is swept when its override value differs between jobs.
+    """
+    jobs = _job_dirs(sweep_dir)
+    overrides = {num: _overrides(d) for num, d in jobs}
+    keys = sorted({k for o in overrides.values() for k in o})
+    swept = [k for k in keys if len({o.get(k, "") for o in overrides.values()}) > 1]
+    rows = []
+    for num, d in jobs:
+        for row in read_rows(d / "results.csv"):
+            rows.append({**row, "job": str(num), **{k: overrides[num].get(k, "") for k in swept}})
+    return rows, swept
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _mean(values: list[str]) -> float | None:
+    nums = [float(v) for v in values if v not in ("", None)]
+    return sum(nums) / len(nums) if nums else None
+
+
+def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
+                    default_marks: dict[str, str] | None) -> str:
+    """The ranked table: one line per swept setting, metrics averaged over categories."""
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
+    first_job: dict[tuple[str, ...], int] = {}
+    for r in rows:
+        key = tuple(r[k] for k in swept)
+        groups[key].append(r)
+        first_job.setdefault(key, int(r["job"]))
+    lines = []
+    for key, members in groups.items():
+        means = {m: _mean([r.get(m, "") for r in members]) for m in METRICS}
+        lines.append((key, means))
+    lines.sort(key=lambda kv: (-(kv[1][metric] if kv[1][metric] is not None else -1.0),
+                               first_job[kv[0]]))
+    best = {m: max((v[m] for _, v in lines if v[m] is not None), default=None) for m in METRICS}
+    marks = {k: str(v) for k, v in (default_marks or {}).items()}
+    cats = sorted({r["category"] for r in rows})
+    first = rows[0]
+    out = [
+        f"# Sweep summary: {first.get('method', '')} on {first.get('dataset', '')}",
+        "",
+        f"{len(groups)} settings from {len({r['job'] for r in rows})} jobs; "
+        f"categories: {', '.join(cats)}; backbone {first.get('backbone', '')} "
+        f"({first.get('weights', '')}); ranked by {metric}"
+        + (" (mean over categories)" if len(cats) > 1 else "") + ".",
+        "",
+        "| " + " | ".join([*swept, *METRICS]) + " |",
+        "|" + "|".join([":---:"] * (len(swept) + len(METRICS))) + "|",
+    ]
+    for key, means in lines:
+        is_default = bool(marks) and all(marks.get(k) == v for k, v in zip(swept, key,
+                                                                            strict=True)
+                                          if k in marks)
+        cells = [f"{v} (default)" if is_default and k in marks else v
+                 for k, v in zip(swept, key, strict=True)]
+        for m in METRICS:
+            text = _fmt(means[m])
+            cells.append(f"**{text}**" if text and means[m] == best[m] else text)
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_summary(sweep_dir: Path, metric: str = "image_auroc",
+                  default_marks: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """Write ``summary.csv`` and ``summary.md`` at the sweep root (atomically)."""
+    sweep_dir = Path(sweep_dir)
+    if metric not in METRICS:
+        raise AnomalyBenchError(f"summary metric {metric!r} is not one of {', '.join(METRICS)}.")
+    if not sweep_dir.is_dir():
+        raise AnomalyBenchError(f"sweep directory {sweep_dir} does not exist.")
+    rows, swept = collect_job_rows(sweep_dir)
+    if not rows:
+        raise AnomalyBenchError(
+            f"no finished job under {sweep_dir}: expected <job>/results.csv files written by "
+            "an anomaly-bench multirun."
+        )
+    csv_path = sweep_dir / "summary.csv"
+    write_csv(csv_path, rows, [*COLUMNS, "job", *swept,
+                               *sorted({k for r in rows for k in r} - {*COLUMNS, "job", *swept})])
+    md_path = sweep_dir / "summary.md"
+    fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=".summary-", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(render_markdown(rows, swept, metric, default_marks))
+    os.replace(tmp, md_path)
+    return csv_path, md_path
+
+
+def _marks_from_sweep(sweep_dir: Path) -> tuple[str | None, dict[str, str] | None]:
+    """The ``summary`` settings recorded in the sweep's multirun.yaml, if any."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None, None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    opts = cfg.get("summary") or {}
+    marks = {str(k): str(v) for k, v in (opts.get("default") or {}).items()}
+    return opts.get("metric"), marks or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m anomaly_bench.report.summary",
+                                 description="Rebuild summary.csv and summary.md of a sweep.")
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--metric", default=None, help="ranking metric (default: the sweep's)")
+    args = ap.parse_args(argv)
+    metric, marks = _marks_from_sweep(args.sweep_dir)
+    try:
+        csv_path, md_path = write_summary(args.sweep_dir, args.metric or metric or "image_auroc",
+                                          marks)
+    except AnomalyBenchError as exc:
+        print(f"anomaly-bench: error: {exc}")
+        return 2
+    print(md_path.read_text())
+    print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
