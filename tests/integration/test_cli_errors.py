@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+
 from cli_helpers import make_mvtec, run_cli, write_png
 
 

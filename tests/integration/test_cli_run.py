@@ -6,7 +6,9 @@ import math
 import shutil
 
 import pytest
+
 from anomaly_bench.report.results import COLUMNS
+
 from cli_helpers import make_mvtec, run_cli
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")

@@ -3,9 +3,10 @@
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from test_metrics_pro import _random_case, _reference_aupro  # the shared slow references
 
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
+
+from test_metrics_pro import _random_case, _reference_aupro  # the shared slow references
 
 
 def _case(seed: int = 0):
