@@ -33,12 +33,34 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
     return extractor
 
 
-def concat_pyramid(features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Upsample every map to the first (finest) map's grid with nearest and concatenate."""
+def upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="nearest")``; integer factors as a cheaper pure copy."""
+    h, w = x.shape[-2:]
+    if size[0] % h == 0 and size[1] % w == 0:
+        fh, fw = size[0] // h, size[1] // w
+        b, c = x.shape[:2]
+        return x[:, :, :, None, :, None].expand(b, c, h, fh, w, fw).reshape(b, c, *size)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def concat_pyramid(features: Mapping[str, torch.Tensor],
+                   channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Upsample every map to the first (finest) map's grid (nearest) and concatenate.
+
+    ``channels`` (sorted indices into the concatenated channels) keeps only those; the
+    selection happens before upsampling, so dropped channels cost nothing.
+    """
     maps = list(features.values())
-    size = maps[0].shape[-2:]
-    return torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest")
-                      for m in maps], dim=1)
+    size = tuple(maps[0].shape[-2:])
+    parts, offset = [], 0
+    for m in maps:
+        n = m.shape[1]
+        if channels is not None:
+            local = channels[(channels >= offset) & (channels < offset + n)] - offset
+            m = m.index_select(1, local)
+            offset += n
+        parts.append(m if tuple(m.shape[-2:]) == size else upsample_nearest(m, size))
+    return torch.cat(parts, dim=1)
 
 
 def to_image_maps(patch_scores: torch.Tensor, image_size: tuple[int, int],

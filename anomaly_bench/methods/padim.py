@@ -68,8 +68,7 @@ class Padim(AnomalyMethod):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, d, h, w) embedding: concatenated pyramid restricted to the chosen channels."""
         with torch.no_grad():
-            emb = concat_pyramid(self.extractor(images))
-            return emb.index_select(1, self.channel_idx)
+            return concat_pyramid(self.extractor(images), self.channel_idx)
 
     def fit(self, batches: Iterable[Batch]) -> None:
         dim = int(self.channel_idx.numel())

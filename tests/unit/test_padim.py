@@ -108,3 +108,17 @@ def test_state_dict_round_trip_gives_identical_scores(fitted):
     load_fitted_state(fresh, model.state_dict(), "memory")
     assert torch.equal(fresh.predict(_batch(test)).image_scores,
                        model.predict(_batch(test)).image_scores)
+
+
+def test_pyramid_channel_selection_equals_select_after_concat():
+    from anomaly_bench.methods.common import concat_pyramid
+
+    gen = torch.Generator().manual_seed(0)
+    feats = {"a": torch.randn(2, 4, 8, 8, generator=gen),
+             "b": torch.randn(2, 6, 4, 4, generator=gen),
+             "c": torch.randn(2, 5, 3, 3, generator=gen)}  # 8/3 is no integer factor
+    full = torch.cat([feats["a"]] + [F.interpolate(feats[k], size=(8, 8), mode="nearest")
+                                     for k in ("b", "c")], 1)
+    idx = torch.tensor([0, 3, 4, 9, 11, 14])
+    assert torch.equal(concat_pyramid(feats), full)
+    assert torch.equal(concat_pyramid(feats, idx), full[:, idx])
