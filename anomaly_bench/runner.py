@@ -132,7 +132,9 @@ class Runner:
         with PeakMemory(self.device) as peak:
             if cfg.stage != "test":
                 with train_time:
-                    method.fit(self._batches(split.train, preprocess, split, "fit"))
+                    # zero-shot methods never see the training images
+                    method.fit([] if method.zero_shot
+                               else self._batches(split.train, preprocess, split, "fit"))
                 if self._save_model():
                     path = checkpoint.save(cat_dir / "model.pt", method, model_cfg,
                                            split.category, int(cfg.seed))
@@ -153,7 +155,8 @@ class Runner:
             "alignment": model_cfg["alignment"]["name"],
             "seed": int(cfg.seed),
             **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
-            "n_train": len(split.train) if cfg.stage != "test" else None,
+            "n_train": (0 if method.zero_shot else len(split.train))
+            if cfg.stage != "test" else None,
             "n_test": len(split.test) if outputs is not None else None,
             "train_s": train_time.seconds if cfg.stage != "test" else None,
             "test_s": test_s if outputs is not None else None,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger("anomaly_bench")
 
@@ -24,13 +24,8 @@ class SweepSummary(Callback):
         from anomaly_bench.report.summary import write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        opts = OmegaConf.to_container(config.get("summary") or {}, resolve=True)
-        assert isinstance(opts, dict)
-        metric = str(opts.get("metric", "image_auroc"))
-        marks = {str(k): str(v) for k, v in (opts.get("default") or {}).items()}
-        try:
-            csv_path, md_path = write_summary(sweep_dir, metric=metric,
-                                              default_marks=marks or None)
+        try:  # table settings come from the jobs' own `summary` config (presets included)
+            csv_path, md_path = write_summary(sweep_dir)
             print(md_path.read_text())
         except AnomalyBenchError as exc:
             log.warning("no sweep summary: %s", exc)

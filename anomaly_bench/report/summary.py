@@ -12,6 +12,7 @@ import argparse
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -39,8 +40,17 @@ def _overrides(job_dir: Path) -> dict[str, str]:
     return out
 
 
+def _job_summary(job_dir: Path) -> dict:
+    """The ``summary`` section of a job's composed config (.hydra/config.yaml), if any."""
+    path = job_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return cfg.get("summary") or {}
+
+
 def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of every job's results.csv plus ``job`` and the swept keys, and those keys.
+    """Rows of every job's results.csv plus ``job``, the swept keys and any job ``label``.
 
     A key is swept when its override value differs between jobs.
     """
@@ -50,13 +60,29 @@ def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
     swept = [k for k in keys if len({o.get(k, "") for o in overrides.values()}) > 1]
     rows = []
     for num, d in jobs:
+        label = _job_summary(d).get("label")
+        extra = {"label": str(label)} if label else {}
         for row in read_rows(d / "results.csv"):
-            rows.append({**row, "job": str(num), **{k: overrides[num].get(k, "") for k in swept}})
+            rows.append({**row, "job": str(num), **{k: overrides[num].get(k, "") for k in swept},
+                         **extra})
     return rows, swept
 
 
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.4f}"
+def sweep_settings(sweep_dir: Path) -> dict:
+    """Summary settings of the sweep: the first job's composed config (which includes its
+    ``experiment=`` preset and command-line overrides), else the sweep's multirun.yaml."""
+    jobs = _job_dirs(Path(sweep_dir))
+    settings = _job_summary(jobs[0][1]) if jobs else {}
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not settings and path.is_file():
+        settings = (yaml.safe_load(path.read_text()) or {}).get("summary") or {}
+    return settings
+
+
+def _fmt(v: float | None, column: str = "") -> str:
+    if v is None:
+        return ""
+    return f"{v:.4f}" if column in METRICS else f"{v:.4g}"
 
 
 def _mean(values: list[str]) -> float | None:
@@ -65,56 +91,89 @@ def _mean(values: list[str]) -> float | None:
 
 
 def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
-                    default_marks: dict[str, str] | None) -> str:
-    """The ranked table: one line per swept setting, metrics averaged over categories."""
+                    default_marks: dict[str, str] | None, columns: Sequence[str] | None = None,
+                    order: str = "rank") -> str:
+    """The table: one line per swept setting, result columns averaged over categories.
+
+    ``order='rank'`` sorts by ``metric`` (best first); ``'sweep'`` keeps the job order.
+    The best value of each metric is bold; the default setting is marked.
+    """
+    shown = list(columns or METRICS)
     groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
     first_job: dict[tuple[str, ...], int] = {}
     for r in rows:
         key = tuple(r[k] for k in swept)
         groups[key].append(r)
         first_job.setdefault(key, int(r["job"]))
+    labelled = any(r.get("label") for r in rows)
     lines = []
     for key, members in groups.items():
-        means = {m: _mean([r.get(m, "") for r in members]) for m in METRICS}
-        lines.append((key, means))
-    lines.sort(key=lambda kv: (-(kv[1][metric] if kv[1][metric] is not None else -1.0),
-                               first_job[kv[0]]))
-    best = {m: max((v[m] for _, v in lines if v[m] is not None), default=None) for m in METRICS}
+        means = {m: _mean([r.get(m, "") for r in members]) for m in {*shown, metric}}
+        lines.append((key, means, members[0].get("label", "")))
+    if order == "rank":
+        lines.sort(key=lambda kv: (-(kv[1][metric] if kv[1][metric] is not None else -1.0),
+                                   first_job[kv[0]]))
+    else:
+        lines.sort(key=lambda kv: first_job[kv[0]])
+    best = {m: max((v[m] for _, v, _ in lines if v[m] is not None), default=None)
+            for m in shown if m in METRICS}
     marks = {k: str(v) for k, v in (default_marks or {}).items()}
     cats = sorted({r["category"] for r in rows})
     first = rows[0]
+    ranked = f"ranked by {metric}" if order == "rank" else "in sweep order"
+    header = [*swept, *(["setting"] if labelled else []), *shown]
     out = [
         f"# Sweep summary: {first.get('method', '')} on {first.get('dataset', '')}",
         "",
         f"{len(groups)} settings from {len({r['job'] for r in rows})} jobs; "
         f"categories: {', '.join(cats)}; backbone {first.get('backbone', '')} "
-        f"({first.get('weights', '')}); ranked by {metric}"
-        + (" (mean over categories)" if len(cats) > 1 else "") + ".",
+        f"({first.get('weights', '')}); {ranked}"
+        + (" (means over categories)" if len(cats) > 1 else "") + ".",
         "",
-        "| " + " | ".join([*swept, *METRICS]) + " |",
-        "|" + "|".join([":---:"] * (len(swept) + len(METRICS))) + "|",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---:"] * len(header)) + "|",
     ]
-    for key, means in lines:
+    for key, means, label in lines:
         is_default = bool(marks) and all(marks.get(k) == v for k, v in zip(swept, key,
                                                                             strict=True)
                                           if k in marks)
         cells = [f"{v} (default)" if is_default and k in marks else v
                  for k, v in zip(swept, key, strict=True)]
-        for m in METRICS:
-            text = _fmt(means[m])
-            cells.append(f"**{text}**" if text and means[m] == best[m] else text)
+        if labelled:
+            cells.append(label)
+        for m in shown:
+            text = _fmt(means[m], m)
+            cells.append(f"**{text}**" if text and m in best and means[m] == best[m] else text)
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def write_summary(sweep_dir: Path, metric: str = "image_auroc",
-                  default_marks: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """Write ``summary.csv`` and ``summary.md`` at the sweep root (atomically)."""
+def write_summary(sweep_dir: Path, metric: str | None = None,
+                  default_marks: dict[str, str] | None = None,
+                  columns: Sequence[str] | None = None, order: str | None = None
+                  ) -> tuple[Path, Path]:
+    """Write ``summary.csv`` and ``summary.md`` at the sweep root (atomically).
+
+    Settings not given come from the jobs' own ``summary`` config (so an ``experiment=``
+    preset's table layout applies), else the defaults.
+    """
     sweep_dir = Path(sweep_dir)
-    if metric not in METRICS:
-        raise AnomalyBenchError(f"summary metric {metric!r} is not one of {', '.join(METRICS)}.")
     if not sweep_dir.is_dir():
         raise AnomalyBenchError(f"sweep directory {sweep_dir} does not exist.")
+    job = sweep_settings(sweep_dir)
+    metric = metric or job.get("metric") or "image_auroc"
+    order = order or job.get("order") or "rank"
+    columns = columns or job.get("columns") or None
+    if default_marks is None and job.get("default"):
+        default_marks = {str(k): str(v) for k, v in job["default"].items()}
+    if metric not in METRICS:
+        raise AnomalyBenchError(f"summary metric {metric!r} is not one of {', '.join(METRICS)}.")
+    if order not in ("rank", "sweep"):
+        raise AnomalyBenchError(f"summary.order={order!r} is not one of rank, sweep.")
+    unknown = [c for c in columns or () if c not in COLUMNS]
+    if unknown:
+        raise AnomalyBenchError(f"summary.columns {unknown} are not results.csv columns "
+                                f"({', '.join(COLUMNS)}).")
     rows, swept = collect_job_rows(sweep_dir)
     if not rows:
         raise AnomalyBenchError(
@@ -127,20 +186,9 @@ def write_summary(sweep_dir: Path, metric: str = "image_auroc",
     md_path = sweep_dir / "summary.md"
     fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=".summary-", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        fh.write(render_markdown(rows, swept, metric, default_marks))
+        fh.write(render_markdown(rows, swept, metric, default_marks, columns, order))
     os.replace(tmp, md_path)
     return csv_path, md_path
-
-
-def _marks_from_sweep(sweep_dir: Path) -> tuple[str | None, dict[str, str] | None]:
-    """The ``summary`` settings recorded in the sweep's multirun.yaml, if any."""
-    path = sweep_dir / "multirun.yaml"
-    if not path.is_file():
-        return None, None
-    cfg = yaml.safe_load(path.read_text()) or {}
-    opts = cfg.get("summary") or {}
-    marks = {str(k): str(v) for k, v in (opts.get("default") or {}).items()}
-    return opts.get("metric"), marks or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep_dir", type=Path)
     ap.add_argument("--metric", default=None, help="ranking metric (default: the sweep's)")
     args = ap.parse_args(argv)
-    metric, marks = _marks_from_sweep(args.sweep_dir)
     try:
-        csv_path, md_path = write_summary(args.sweep_dir, args.metric or metric or "image_auroc",
-                                          marks)
+        csv_path, md_path = write_summary(args.sweep_dir, args.metric)
     except AnomalyBenchError as exc:
         print(f"anomaly-bench: error: {exc}")
         return 2

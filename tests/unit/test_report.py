@@ -114,3 +114,23 @@ def test_f1_threshold_is_the_best_cut():
     scores = np.array([0.1, 0.2, 0.35, 0.4, 0.8, 0.9])
     labels = np.array([0, 0, 1, 0, 1, 1])
     assert plots._f1_threshold(scores, labels) == pytest.approx(0.35)
+
+
+def test_texture_presets_compose_the_source_versions():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    got = {}
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        for v in range(1, 7):
+            c = compose("config", overrides=[f"experiment=texture_v0{v}"])
+            got[v] = (c.method.impl, c.backbone.name, c.backbone.truncate, c.resolution.size,
+                      c.layers.layer2, c.layers.layer3)
+    assert got[1] == ("reference", "wide_resnet50_2", False, 320, -1, None)  # hook, full net
+    assert got[2] == ("reference", "wide_resnet50_2", True, 320, -1, None)  # stop after layer2
+    assert got[3] == ("fast", "wide_resnet50_2", False, 320, -1, None)  # vectorised scores
+    assert got[4] == ("fast", "wide_resnet50_2", True, 320, -1, None)
+    assert got[5] == ("fast", "resnet50", True, 320, -1, None)  # slim bottlenecks
+    assert got[6] == ("fast", "wide_resnet50_2", True, 1024, -1, None)

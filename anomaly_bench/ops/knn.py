@@ -1,0 +1,148 @@
+"""Exact k-nearest-neighbour search on the device, chunked to bound memory.
+
+Distances come from one matrix product, ``|q|^2 - 2 q.b + |b|^2`` (clamped at zero), the
+formulation of faiss' flat L2 index and of PatchCore's reference code. Queries are split
+into chunks so the (queries x bank) distance block stays under ``max_bytes``; a bank too
+large for one block is split too and the per-chunk top-k lists are merged, so the result is
+the exact k nearest whatever the sizes. Nothing leaves the device, so the same code runs on
+CPU and CUDA. :class:`KnnIndex` optionally hands the search to faiss when it is installed
+(CPU tensors only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Default upper bound of one distance block, in bytes.
+MAX_BYTES = 256 * 2**20
+
+
+@dataclass
+class Neighbours:
+    """The k nearest bank rows per query: Euclidean ``distances`` (ascending), ``indices``."""
+
+    distances: torch.Tensor
+    indices: torch.Tensor
+
+
+def sqnorm(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norm of every row (last dimension)."""
+    return (x * x).sum(-1)
+
+
+def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None,
+                    b_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, N) squared Euclidean distances between rows of ``a`` (M, D) and ``b`` (N, D).
+
+    Batched inputs (..., M, D) and (..., N, D) give (..., M, N).
+    """
+    a_sq = sqnorm(a) if a_sq is None else a_sq
+    b_sq = sqnorm(b) if b_sq is None else b_sq
+    d = a @ b.transpose(-1, -2)
+    d.mul_(-2).add_(a_sq.unsqueeze(-1)).add_(b_sq.unsqueeze(-2))
+    return d.clamp_min_(0)
+
+
+def _rows_per_chunk(n_cols: int, max_bytes: int, element_bytes: int = 4) -> int:
+    return max(1, max_bytes // max(1, n_cols * element_bytes))
+
+
+def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tensor | None = None,
+        max_bytes: int = MAX_BYTES) -> Neighbours:
+    """The exact ``k`` nearest rows of ``bank`` (N, D) for every row of ``query`` (M, D)."""
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"knn expects (M, D) and (N, D); got {tuple(query.shape)} and "
+                         f"{tuple(bank.shape)}")
+    n = bank.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in 1..{n} (the bank size)")
+    bank_sq = sqnorm(bank) if bank_sq is None else bank_sq
+    cols = min(n, max(k, _rows_per_chunk(1, max_bytes // 64)))  # bank chunk for huge banks
+    rows = _rows_per_chunk(cols, max_bytes)
+    out_d, out_i = [], []
+    for q0 in range(0, query.shape[0], rows):
+        q = query[q0:q0 + rows]
+        q_sq = sqnorm(q)
+        best_d: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
+        for b0 in range(0, n, cols):
+            d = pairwise_sqdist(q, bank[b0:b0 + cols], q_sq, bank_sq[b0:b0 + cols])
+            kk = min(k, d.shape[1])
+            dv, di = d.topk(kk, dim=1, largest=False)
+            di = di + b0
+            if best_d is None:
+                best_d, best_i = dv, di
+            else:
+                cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
+                best_d, pos = cat_d.topk(k, dim=1, largest=False)
+                best_i = cat_i.gather(1, pos)
+        out_d.append(best_d.sqrt_())
+        out_i.append(best_i)
+    return Neighbours(torch.cat(out_d), torch.cat(out_i))
+
+
+def self_knn_mean(x: torch.Tensor, k: int, *, max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """Mean Euclidean distance of each row of ``x`` (B, P, D) to its ``k`` nearest *other* rows.
+
+    Each of the B sets is searched on its own (one batched matrix product per chunk); a
+    row's own distance is excluded, duplicates of it elsewhere are not. Returns (B, P).
+    """
+    b, p, _ = x.shape
+    if not 1 <= k < p:
+        raise ValueError(f"k={k} must be in 1..{p - 1} (the other rows of each set)")
+    sq = sqnorm(x)
+    rows = max(1, _rows_per_chunk(p, max_bytes) // b)
+    out = []
+    for r0 in range(0, p, rows):
+        q = x[:, r0:r0 + rows]
+        d = pairwise_sqdist(q, x, sq[:, r0:r0 + rows], sq)
+        r = torch.arange(q.shape[1], device=x.device)
+        d[:, r, r + r0] = float("inf")
+        out.append(d.topk(k, dim=2, largest=False).values.sqrt_().mean(2))
+    return torch.cat(out, dim=1)
+
+
+class KnnIndex:
+    """A searchable bank: exact torch search, or a faiss flat L2 index (``backend='faiss'``).
+
+    ``backend='auto'`` uses torch; faiss is used only when asked for, is installed and the
+    bank lives on the CPU (its results are exact too, from a different BLAS order).
+    """
+
+    def __init__(self, bank: torch.Tensor, backend: str = "torch",
+                 max_bytes: int = MAX_BYTES) -> None:
+        if backend not in ("auto", "torch", "faiss"):
+            raise ValueError(f"knn backend {backend!r} is not one of auto, torch, faiss")
+        self.bank = bank
+        self.bank_sq = sqnorm(bank)
+        self.max_bytes = max_bytes
+        self._faiss = None
+        if backend == "faiss":
+            self._faiss = _faiss_index(bank)
+
+    def search(self, query: torch.Tensor, k: int) -> Neighbours:
+        if self._faiss is not None:
+            d, i = self._faiss.search(query.detach().float().contiguous().numpy(), k)
+            return Neighbours(torch.from_numpy(d).clamp_min_(0).sqrt_(),
+                              torch.from_numpy(i).long())
+        return knn(query, self.bank, k, bank_sq=self.bank_sq, max_bytes=self.max_bytes)
+
+
+def _faiss_index(bank: torch.Tensor):  # faiss has no type stubs
+    from anomaly_bench.errors import ConfigError
+
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError(
+            "method.knn_backend=faiss needs the faiss package: pip install -e '.[faiss]' "
+            "(or use method.knn_backend=torch, which is exact too)."
+        ) from exc
+    if bank.device.type != "cpu":
+        raise ConfigError("method.knn_backend=faiss runs on the CPU; use knn_backend=torch "
+                          "on CUDA (the torch search stays on the device).")
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank.detach().float().contiguous().numpy())
+    return index
