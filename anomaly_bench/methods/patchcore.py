@@ -19,6 +19,7 @@ its nearest bank entry ``m*`` and to ``m*``'s ``num_neighbors`` nearest bank ent
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -32,31 +33,103 @@ from anomaly_bench.ops.knn import KnnIndex
 from anomaly_bench.types import Batch, Prediction
 
 
+@lru_cache(maxsize=16)
+def _plan(channels: int, patch_size: int, pretrain_dim: int, group: int
+          ) -> tuple[str, torch.Tensor | int | None]:
+    """How to compute one layer's share of the embedding without unfolding it.
+
+    The reference pools each flattened (C, p, p) neighbourhood into ``pretrain_dim`` bins
+    and the Aggregator then averages ``group`` consecutive bins. Composed, every output
+    value is a fixed weighted sum over the neighbourhood. When each output reads a single
+    channel, the sums are one grouped convolution ("conv", weights (out, 1, p, p)); when
+    each reads whole channels with equal weights, they are a channel mean then a p x p
+    average pool ("channels", channels per output); otherwise ("unfold", None).
+    """
+    k2 = patch_size * patch_size
+    length = channels * k2
+    out = pretrain_dim // group
+    weight = torch.zeros(out, length, dtype=torch.float64)
+    for i, (start, end) in enumerate(_bins(length, pretrain_dim)):
+        weight[i // group, start:end] += 1.0 / ((end - start) * group)
+    per_channel = weight.view(out, channels, k2)
+    touched = per_channel.abs().sum(dim=2) > 0  # (out, C)
+    if out % channels == 0 and touched.sum(dim=1).eq(1).all():
+        owner = touched.float().argmax(dim=1)
+        if torch.equal(owner, torch.arange(out) // (out // channels)):
+            kernel = per_channel[torch.arange(out), owner].view(out, 1, patch_size, patch_size)
+            return "conv", kernel.float()
+    if channels % out == 0:
+        per = channels // out
+        uniform = torch.zeros_like(weight)
+        for j in range(out):
+            uniform[j, j * per * k2:(j + 1) * per * k2] = 1.0 / (per * k2)
+        if torch.allclose(weight, uniform, rtol=0, atol=1e-12):
+            return "channels", per
+    return "unfold", None
+
+
+def _bins(length: int, n_bins: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of ``F.adaptive_avg_pool1d(length -> n_bins)``."""
+    return [((i * length) // n_bins, -((-(i + 1) * length) // n_bins)) for i in range(n_bins)]
+
+
+def _layer_share(x: torch.Tensor, patch_size: int, pretrain_dim: int, group: int
+                 ) -> torch.Tensor | None:
+    """(B, pretrain_dim / group, h, w) for one layer by a cheap exact path, or None."""
+    kind, arg = _plan(x.shape[1], patch_size, pretrain_dim, group)
+    pad = (patch_size - 1) // 2
+    if kind == "conv":
+        assert isinstance(arg, torch.Tensor)
+        return F.conv2d(x, arg.to(x.device, x.dtype), padding=pad, groups=x.shape[1])
+    if kind == "channels":
+        b, c, h, w = x.shape
+        assert isinstance(arg, int)
+        if arg > 1:
+            x = x.view(b, c // arg, arg, h, w).mean(dim=2)
+        return F.avg_pool2d(x, patch_size, stride=1, padding=pad)  # zeros count, / p*p
+    return None
+
+
+def _mean_mapper(x: torch.Tensor, patch_size: int, pretrain_dim: int) -> torch.Tensor:
+    """(B, pretrain_dim, h, w): the reference MeanMapper over unfolded neighbourhoods."""
+    b, _, h, w = x.shape
+    unf = F.unfold(x, kernel_size=patch_size, padding=(patch_size - 1) // 2)
+    vec = F.adaptive_avg_pool1d(unf.transpose(1, 2).reshape(b * h * w, 1, -1), pretrain_dim)
+    return vec.view(b, h, w, pretrain_dim).permute(0, 3, 1, 2)
+
+
 def aggregate_patches(features: Mapping[str, torch.Tensor], patch_size: int, pretrain_dim: int,
                       embed_dim: int) -> torch.Tensor:
     """(B, h, w, embed_dim) locally aware patch embeddings of a feature pyramid.
 
-    Each map (B, C, h_l, w_l) is unfolded into ``patch_size`` x ``patch_size``
-    neighbourhoods, each neighbourhood's (C, p, p) values pooled to ``pretrain_dim``
-    (adaptive average pooling, as the reference ``MeanMapper``), resized bilinearly to the
-    first map's grid, and the concatenated layer vectors pooled to ``embed_dim``.
+    Reference order: each map's zero-padded ``patch_size`` x ``patch_size`` neighbourhoods
+    are pooled to ``pretrain_dim`` values (MeanMapper), resized bilinearly to the first
+    map's grid, and the concatenated layer vectors pooled to ``embed_dim`` (Aggregator).
+    All of these are linear, so when the Aggregator's bins never straddle two layers both
+    poolings are applied per layer before resizing (:func:`_plan`), which is exact and
+    resizes and stores a fraction of the values.
     """
     maps = list(features.values())
-    b = maps[0].shape[0]
     h, w = maps[0].shape[-2:]
-    pad = (patch_size - 1) // 2
-    pooled = []
+    length = pretrain_dim * len(maps)
+    group = length // embed_dim if length % embed_dim == 0 else 0
+    fused = group > 0 and pretrain_dim % group == 0
+    parts = []
     for m in maps:
-        hl, wl = m.shape[-2:]
-        unf = F.unfold(m, kernel_size=patch_size, padding=pad)  # (B, C*p*p, hl*wl)
-        vec = F.adaptive_avg_pool1d(unf.transpose(1, 2).reshape(-1, 1, unf.shape[1]),
-                                    pretrain_dim)  # (B*hl*wl, 1, pretrain_dim)
-        grid = vec.view(b, hl, wl, pretrain_dim).permute(0, 3, 1, 2)
-        if (hl, wl) != (h, w):
+        grid = _layer_share(m, patch_size, pretrain_dim, group) if fused else None
+        if grid is None:
+            grid = _mean_mapper(m, patch_size, pretrain_dim)
+            if fused and group > 1:
+                grid = grid.view(grid.shape[0], -1, group, *grid.shape[-2:]).mean(dim=2)
+        if tuple(grid.shape[-2:]) != (h, w):
             grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-        pooled.append(grid.permute(0, 2, 3, 1))  # (B, h, w, pretrain_dim)
-    stacked = torch.cat(pooled, dim=-1).reshape(-1, 1, pretrain_dim * len(maps))
-    return F.adaptive_avg_pool1d(stacked, embed_dim).view(b, h, w, embed_dim)
+        parts.append(grid)
+    stacked = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, channels)
+    if fused:
+        return stacked
+    b = stacked.shape[0]
+    flat = stacked.reshape(-1, 1, length)
+    return F.adaptive_avg_pool1d(flat, embed_dim).view(b, h, w, embed_dim)
 
 
 def reweighted_scores(patch_scores: torch.Tensor, nn_index: torch.Tensor,

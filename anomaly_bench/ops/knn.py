@@ -68,9 +68,14 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for b0 in range(0, n, cols):
-            d = pairwise_sqdist(q, bank[b0:b0 + cols], q_sq, bank_sq[b0:b0 + cols])
-            kk = min(k, d.shape[1])
-            dv, di = d.topk(kk, dim=1, largest=False)
+            blk = bank[b0:b0 + cols]
+            if k == 1:  # one fused pass: |b|^2 - 2 q.b, then the row minimum, then + |q|^2
+                d = torch.addmm(bank_sq[b0:b0 + cols].unsqueeze(0), q, blk.T, alpha=-2)
+                dv, di = d.min(dim=1, keepdim=True)
+                dv = dv.add_(q_sq.unsqueeze(1)).clamp_min_(0)
+            else:
+                d = pairwise_sqdist(q, blk, q_sq, bank_sq[b0:b0 + cols])
+                dv, di = d.topk(min(k, d.shape[1]), dim=1, largest=False)
             di = di + b0
             if best_d is None:
                 best_d, best_i = dv, di

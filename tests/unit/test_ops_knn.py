@@ -13,11 +13,12 @@ def _brute(query, bank, k):
 
 
 @pytest.mark.parametrize("max_bytes", [256 * 2**20, 4096, 64])
-def test_knn_matches_brute_force_for_any_chunking(max_bytes):
+@pytest.mark.parametrize("k", [1, 5])
+def test_knn_matches_brute_force_for_any_chunking(max_bytes, k):
     gen = torch.Generator().manual_seed(1)
     q, b = torch.randn(37, 12, generator=gen), torch.randn(251, 12, generator=gen)
-    res = knn(q, b, 5, max_bytes=max_bytes)
-    dv, di = _brute(q, b, 5)
+    res = knn(q, b, k, max_bytes=max_bytes)
+    dv, di = _brute(q, b, k)
     assert torch.equal(res.indices, di)
     torch.testing.assert_close(res.distances.double(), dv, atol=1e-5, rtol=1e-5)
 

@@ -44,11 +44,16 @@ def official_embedding(feats, patch=3, pretrain_dim=1024, embed_dim=1024):
     return F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), embed_dim).squeeze(1)
 
 
-@pytest.mark.parametrize(("pretrain", "embed"), [(1024, 1024), (384, 256), (100, 64)])
-def test_aggregation_equals_official_order(pretrain, embed):
+@pytest.mark.parametrize(("c2", "c3", "pretrain", "embed"), [
+    (512, 1024, 1024, 1024),  # WRN50: grouped-conv bins (layer2), whole-channel bins (layer3)
+    (128, 256, 1024, 1024),   # ResNet18: bins straddle channels -> unfold path
+    (128, 256, 384, 256), (128, 256, 100, 64), (64, 128, 64, 96),
+    (100, 200, 96, 96),       # fused, but bins straddle channels -> unfold inside the fusion
+])
+def test_aggregation_equals_official_order(c2, c3, pretrain, embed):
     gen = torch.Generator().manual_seed(0)
-    feats = {"layer2": torch.randn(2, 128, 8, 8, generator=gen),
-             "layer3": torch.randn(2, 256, 4, 4, generator=gen)}
+    feats = {"layer2": torch.randn(2, c2, 8, 8, generator=gen),
+             "layer3": torch.randn(2, c3, 4, 4, generator=gen)}
     ours = aggregate_patches(feats, 3, pretrain, embed).reshape(-1, embed)
     ref = official_embedding(list(feats.values()), 3, pretrain, embed)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
