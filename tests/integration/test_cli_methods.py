@@ -57,3 +57,12 @@ def test_texture_version_sweep_writes_the_version_table(tmp_path):
         assert by_exp[a]["pixel_auroc"] == by_exp[b]["pixel_auroc"]
     assert float(by_exp["texture_v01"]["pixel_auroc"]) == pytest.approx(
         float(by_exp["texture_v03"]["pixel_auroc"]), abs=1e-6)
+
+
+def test_orb90_alignment_end_to_end(synthetic_root, tmp_path):
+    res = run_cli(["dataset=synthetic", "dataset.category=rotated_part",
+                   f"dataset.root={synthetic_root}", "alignment=orb90"], tmp_path / "run")
+    assert res.code == 0, res.stderr[-2000:]
+    (row,) = res.rows()
+    assert row["alignment"] == "orb90" and row["category"] == "rotated_part"
+    assert (tmp_path / "run" / "rotated_part" / "plots" / "overlays.png").is_file()
