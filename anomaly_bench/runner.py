@@ -96,6 +96,8 @@ class Runner:
     def run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         layout = get_layout(cfg.dataset.name)
+        if hasattr(layout, "configure"):  # layouts with options of their own (e.g. STC)
+            layout = layout.configure(_plain(cfg, "dataset"))
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
         done = completed_categories(self.results_path) if cfg.resume else set()

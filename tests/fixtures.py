@@ -94,7 +94,38 @@ def write_folder(root: Path, masks: bool = True) -> Path:
     return write_category(root, defects=("dent",), mask_suffix="_mask" if masks else None)
 
 
+
+def write_stc(root: Path, *, scenes: Sequence[str] = ("01", "02"), n_video_frames: int = 12,
+              n_test_frames: int = 6, size: tuple[int, int] = (SIZE, SIZE)) -> Path:
+    """A tiny ShanghaiTech Campus tree: one MJPG training video and one test clip per scene.
+
+    Test frames 3.. of each clip are anomalous, with a rectangle in the pixel mask.
+    """
+    import cv2
+
+    w, h = size
+    rng = np.random.default_rng(0)
+    (root / "training" / "videos").mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        path = root / "training" / "videos" / f"{scene}_001.avi"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+        for _ in range(n_video_frames):
+            writer.write(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        writer.release()
+        clip = f"{scene}_0014"
+        labels = np.zeros(n_test_frames, np.uint8)
+        labels[3:] = 1
+        pixel = np.zeros((n_test_frames, h, w), np.uint8)
+        pixel[3:, 4:12, 6:14] = 1
+        for i in range(n_test_frames):
+            write_image(root / "testing" / "frames" / clip / f"{i:03d}.jpg", seed=i, size=size)
+        for name, arr in (("test_frame_mask", labels), ("test_pixel_mask", pixel)):
+            (root / "testing" / name).mkdir(parents=True, exist_ok=True)
+            np.save(root / "testing" / name / f"{clip}.npy", arr)
+    return root
+
+
 WRITERS: dict[str, Callable[..., Path]] = {
     "mvtec": write_mvtec, "btad": write_btad, "mpdd": write_mpdd, "folder": write_folder,
+    "stc": write_stc,
 }
-

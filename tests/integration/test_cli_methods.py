@@ -66,3 +66,16 @@ def test_orb90_alignment_end_to_end(synthetic_root, tmp_path):
     (row,) = res.rows()
     assert row["alignment"] == "orb90" and row["category"] == "rotated_part"
     assert (tmp_path / "run" / "rotated_part" / "plots" / "overlays.png").is_file()
+
+
+def test_spade_on_shanghaitech_campus_preset(tmp_path):
+    from fixtures import write_stc
+
+    write_stc(tmp_path / "shanghaitech", scenes=("01",), size=(64, 64))
+    res = run_cli(["experiment=spade_stc", f"data_root={tmp_path}", "method.blur_sigma=1"],
+                  tmp_path / "run")
+    assert res.code == 0, res.stderr[-2000:]
+    (row,) = res.rows()
+    assert (row["method"], row["dataset"], row["category"]) == ("spade", "stc", "01")
+    assert row["n_train"] == "3" and row["n_test"] == "6"
+    assert row["pixel_auroc"] != ""  # frames with masks: pixel metrics are defined
