@@ -68,9 +68,12 @@ def _dist(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0).sqrt_()
 
 
-def _initial(x: torch.Tensor, x_sq: torch.Tensor, n_starts: int, seed: int
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Initial minimum distances, and the first centre when it is a random point."""
+def _initial(x: torch.Tensor, x_sq: torch.Tensor, n_starts: int, seed: int,
+             first: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Initial minimum distances, and the first centre when it is a single point."""
+    if first is not None:
+        idx = torch.tensor([first], device=x.device)
+        return _dist(x, x_sq, x[idx])[:, 0], idx
     starts = _start_points(x.shape[0], n_starts, seed, x.device)
     if n_starts > 0:
         return _dist(x, x_sq, x[starts]).mean(dim=1), None
@@ -79,13 +82,14 @@ def _initial(x: torch.Tensor, x_sq: torch.Tensor, n_starts: int, seed: int
 
 
 def reference_greedy_coreset(projected: torch.Tensor, n_select: int, *, n_starts: int = 10,
-                             seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                             seed: int = 0, dtype: torch.dtype = torch.float32,
+                             first: int | None = None) -> torch.Tensor:
     """The straightforward greedy loop on already projected features (for tests)."""
     if n_select < 1:
         raise ValueError(f"n_select={n_select} must be at least 1")
     x = projected.to(dtype)
     x_sq = (x * x).sum(1)
-    m, first = _initial(x, x_sq, n_starts, seed)
+    m, first = _initial(x, x_sq, n_starts, seed, first)
     chosen = [] if first is None else [int(first)]
     while len(chosen) < min(n_select, x.shape[0]):
         j = int(torch.argmax(m))
@@ -96,15 +100,16 @@ def reference_greedy_coreset(projected: torch.Tensor, n_select: int, *, n_starts
 
 def greedy_coreset(features: torch.Tensor, n_select: int, *, projection_dim: int | None = 128,
                    n_starts: int = 10, seed: int = 0, pool: int = 4096, progress: bool = False,
-                   max_bytes: int = MAX_BYTES, dtype: torch.dtype = torch.float32
-                   ) -> torch.Tensor:
+                   max_bytes: int = MAX_BYTES, dtype: torch.dtype = torch.float32,
+                   first: int | None = None) -> torch.Tensor:
     """Indices (in selection order) of the greedy k-center coreset of ``features`` (N, D).
 
     ``n_select`` is clipped to N. ``pool`` is the candidate pool size B (speed only; the
     selection does not depend on it). Distances are computed in ``dtype``: float32
     distances carry rounding noise of about 1e-5 relative, so two points whose distances
     differ by less than that may be picked in either order; float64 removes that
-    ambiguity at a higher cost.
+    ambiguity at a higher cost. ``first`` starts the selection from that point (as
+    anomalib's sampler does from a random one) instead of the ``n_starts`` rule.
     """
     if n_select < 1:
         raise ValueError(f"n_select={n_select} must be at least 1")
@@ -112,11 +117,11 @@ def greedy_coreset(features: torch.Tensor, n_select: int, *, projection_dim: int
     n = x.shape[0]
     n_select = min(n_select, n)
     x_sq = (x * x).sum(1)
-    m, first = _initial(x, x_sq, n_starts, seed)
+    m, first_idx = _initial(x, x_sq, n_starts, seed, first)
     out = torch.empty(n_select, dtype=torch.long, device=x.device)
     count = 0
-    if first is not None:
-        out[0] = first[0]
+    if first_idx is not None:
+        out[0] = first_idx[0]
         count = 1
     rows = max(1, max_bytes // (x.element_size() * max(1, min(pool, n))))
     steps = 32

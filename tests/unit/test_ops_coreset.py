@@ -84,3 +84,10 @@ def test_sizes_and_bad_input():
     assert sorted(greedy_coreset(x, 50).tolist()) == list(range(20))  # clipped to N
     with pytest.raises(ValueError):
         greedy_coreset(x, 0)
+
+
+def test_explicit_first_point():
+    x = _clustered(800, 16)
+    ours = greedy_coreset(x, 40, projection_dim=None, first=123, pool=64, dtype=torch.float64)
+    ref = reference_greedy_coreset(x, 40, first=123, dtype=torch.float64)
+    assert ours[0] == 123 and torch.equal(ours, ref)
