@@ -36,9 +36,12 @@ MODES = ("zero_shot", "many_shot")
 IMPLS = ("fast", "reference")
 
 
-def self_knn_mean_reference(x: torch.Tensor, k: int, rows: int = 256) -> torch.Tensor:
-    """:func:`~anomaly_bench.ops.knn.self_knn_mean` computed naively (differences + sort)."""
-    b, p, _ = x.shape
+def self_knn_mean_reference(x: torch.Tensor, k: int, max_bytes: int = 256 * 2**20
+                            ) -> torch.Tensor:
+    """:func:`~anomaly_bench.ops.knn.self_knn_mean` computed naively (differences + sort),
+    in row chunks whose (B, rows, P, C) difference tensor stays under ``max_bytes``."""
+    b, p, c = x.shape
+    rows = max(1, max_bytes // (b * p * c * x.element_size()))
     out = torch.empty(b, p, device=x.device, dtype=x.dtype)
     for r0 in range(0, p, rows):
         q = x[:, r0:r0 + rows]
