@@ -4,8 +4,8 @@ Each method runs at its default settings (config group defaults: paper layers, p
 preprocessing) on the same synthetic category in one process: fit on the training
 images (except zero-shot methods), then predict the test set while the extractor's
 forward pass is timed separately. "rest" is everything after the backbone: feature
-aggregation, kNN / Mahalanobis scoring, upsampling and blur. Also times PatchCore's
-fit split into embedding and coreset selection.
+aggregation, kNN / Mahalanobis scoring, upsampling and blur. The test set is scored
+three times and the fastest pass is reported.
 
     python benchmarks/bench_methods.py [--methods padim patchcore spade texture_knn]
         [--category stripes] [--data-root data] [--device cpu]
@@ -35,7 +35,8 @@ def method_config(name: str, extra: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def measure(name: str, split, device: torch.device, batch_size: int, extra: list[str]) -> dict:
+def measure(name: str, split, device: torch.device, batch_size: int, extra: list[str],
+            repeats: int = 3) -> dict:
     cfg = method_config(name, extra)
     method_cfg, res = cfg["method"], cfg["resolution"]
     model = build_method(method_cfg, cfg["backbone"], cfg["layers"], seed=0).to(device).eval()
@@ -59,14 +60,18 @@ def measure(name: str, split, device: torch.device, batch_size: int, extra: list
     extractor.forward = timed_forward
     test_images = [b for b in batches(split.test)]
     model.predict(test_images[0])  # warm-up (allocations, first-call costs)
-    forward.seconds = 0.0
-    total = Stopwatch(device)
-    for b in test_images:
-        with total:
-            model.predict(b)
+    passes = []
+    for _ in range(repeats):  # the fastest pass: least disturbed by other processes
+        forward.seconds = 0.0
+        total = Stopwatch(device)
+        for b in test_images:
+            with total:
+                model.predict(b)
+        passes.append((total.seconds, forward.seconds))
     extractor.forward = inner
     n = len(split.test)
-    fwd, tot = 1000 * forward.seconds / n, 1000 * total.seconds / n
+    best_total, best_forward = min(passes)
+    fwd, tot = 1000 * best_forward / n, 1000 * best_total / n
     return {"method": name, "input": f"{res['size']}/{res['crop'] or '-'}",
             "layers": model.layers_tag, "fit_s": fit.seconds, "forward_ms": fwd,
             "rest_ms": tot - fwd, "total_ms": tot}

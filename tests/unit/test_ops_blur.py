@@ -1,6 +1,7 @@
 """Gaussian blur against scipy's gaussian_filter on the interior and on the borders."""
 
 import numpy as np
+import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
@@ -13,8 +14,9 @@ def test_kernel_is_normalised_with_scipy_radius():
     assert abs(float(k.sum()) - 1.0) < 1e-6
 
 
-def test_blur_matches_scipy_mirror_mode():
-    x = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(3, 64, 80), (1, 40, 600)])  # banded products / convs
+def test_blur_matches_scipy_mirror_mode(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = gaussian_blur(x, 4.0).numpy()
     # torch "reflect" padding excludes the edge pixel, which is scipy's "mirror" mode.
     ref = np.stack([gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in x.numpy()])
