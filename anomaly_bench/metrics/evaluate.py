@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anomaly_bench.metrics.pro import aupro
+from anomaly_bench.metrics.pro import pixel_metrics
 from anomaly_bench.metrics.roc import auroc, binary_labels, f1_max
 
 __all__ = ["METRIC_NAMES", "compute_metrics"]
@@ -43,6 +43,5 @@ def compute_metrics(
         if maps.shape != m.shape:
             raise ValueError(f"anomaly_maps {tuple(maps.shape)} and masks {tuple(m.shape)} "
                              "differ in shape")
-        out["pixel_auroc"] = auroc(maps, m)
-        out["aupro"] = aupro(maps, m)
+        out["pixel_auroc"], out["aupro"] = pixel_metrics(maps, m)
     return out

@@ -10,14 +10,16 @@ per-threshold loop (each region weighs the same, whatever its image). Regions ar
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from anomaly_bench.metrics.roc import _has_nan, binary_labels
+from anomaly_bench.metrics.roc import _has_nan, area_from_counts, binary_labels
+from anomaly_bench.metrics.sorting import kth_smallest, sort_desc
 
-__all__ = ["aupro", "label_regions", "pro_curve"]
+__all__ = ["aupro", "label_regions", "pixel_metrics", "pro_curve"]
 
 # 8-connectivity inside each image and none across the stack: only the middle slice of the
 # 3x3x3 structure is set, so one scipy call labels all masks with ids unique in the stack.
@@ -56,10 +58,28 @@ def label_regions(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     return ids.long(), n
 
 
-def _pro_points(
-    anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Unclipped (fpr, pro) at each distinct score (highest first), #regions, #normal pixels.
+@dataclass
+class _Counts:
+    """Cumulative counts at each distinct score, highest first (last pixel of each tie run).
+
+    ``fp``/``tp``: defect-free / defect pixels at or above the score; ``overlap``: summed
+    per-region overlap (1/|region| per pixel). float64.
+    """
+
+    fp: torch.Tensor
+    tp: torch.Tensor
+    overlap: torch.Tensor
+    n_regions: int
+    n_normal: int
+
+    def pro_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unclipped (fpr, pro) per distinct score."""
+        return self.fp / self.n_normal, self.overlap / self.n_regions
+
+
+def _counts(anomaly_maps: torch.Tensor, masks: torch.Tensor,
+            fpr_limit: float | None = None) -> _Counts:
+    """Counts over all pixels of the stack from one descending sort.
 
     With ``fpr_limit`` only the pixels scoring at least as high as the k-th highest normal
     pixel are sorted, k = floor(fpr_limit * #normal) + 2: that set is an exact prefix of the
@@ -84,19 +104,27 @@ def _pro_points(
     if fpr_limit is not None and n_normal > 0:
         k = math.floor(fpr_limit * n_normal) + 2
         if k <= n_normal:
-            kth = torch.kthvalue(scores[ids == 0], n_normal - k + 1).values
+            kth = kth_smallest(scores[ids == 0], n_normal - k + 1)
             keep = scores >= kth
             scores, ids = scores[keep], ids[keep]
 
-    sorted_scores, order = torch.sort(scores, descending=True)
-    sorted_ids = ids[order]
-    del order
+    sorted_scores, sorted_ids = sort_desc(scores, ids)
     last = torch.ones_like(sorted_scores, dtype=torch.bool)
     last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
     del sorted_scores
-    overlap = torch.cumsum(weight[sorted_ids], 0)[last]
-    fp = torch.cumsum(sorted_ids == 0, 0, dtype=torch.float64)[last]
-    return fp / n_normal, overlap / n_regions, n_regions, n_normal
+    ends = last.nonzero().squeeze(1)
+    overlap = torch.cumsum(weight[sorted_ids], 0)[ends]
+    fp = torch.cumsum(sorted_ids == 0, 0, dtype=torch.float64)[ends]
+    return _Counts(fp, (ends + 1).to(torch.float64) - fp, overlap, n_regions, n_normal)
+
+
+def _pro_points(
+    anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Unclipped (fpr, pro) at each distinct score (highest first), #regions, #normal pixels."""
+    c = _counts(anomaly_maps, masks, fpr_limit)
+    fpr, pro = c.pro_points()
+    return fpr, pro, c.n_regions, c.n_normal
 
 
 def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +177,31 @@ def aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.
     maps = _stack(anomaly_maps, "anomaly_maps")
     if maps.numel() == 0 or _has_nan(maps):
         return None
-    fpr, pro, n_regions, n_normal = _pro_points(maps, masks, fpr_limit)
-    if n_regions == 0 or n_normal == 0:
+    return _aupro_of(_counts(maps, masks, fpr_limit), fpr_limit)
+
+
+def _aupro_of(counts: _Counts, fpr_limit: float) -> float | None:
+    if counts.n_regions == 0 or counts.n_normal == 0:
         return None
-    fpr, pro = _close_curve(fpr, pro)
+    fpr, pro = counts.pro_points()
+    # only the points up to the limit and the first one past it shape the area
+    keep = int(torch.searchsorted(fpr, fpr.new_full((1,), fpr_limit), right=True)) + 1
+    fpr, pro = _close_curve(fpr[:keep], pro[:keep])
     value = float(_trapezoid_to(fpr, pro, fpr_limit)) / fpr_limit
     return min(max(value, 0.0), 1.0)
+
+
+def pixel_metrics(anomaly_maps: torch.Tensor, masks: torch.Tensor,
+                  fpr_limit: float = 0.3) -> tuple[float | None, float | None]:
+    """(pixel AUROC, AUPRO) from one sort of all pixels: the same values as
+    :func:`~anomaly_bench.metrics.roc.auroc` and :func:`aupro` computed separately.
+
+    Defect pixels are the positives of the pixel ROC; None where a metric is undefined.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    maps = _stack(anomaly_maps, "anomaly_maps")
+    if maps.numel() == 0 or _has_nan(maps):
+        return None, None
+    counts = _counts(maps, masks)
+    return area_from_counts(counts.fp, counts.tp), _aupro_of(counts, fpr_limit)

@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from anomaly_bench.metrics.sorting import sort_desc
+
 log = logging.getLogger("anomaly_bench")
 
 __all__ = ["auroc", "binary_labels", "f1_max", "roc_curve"]
@@ -45,8 +47,8 @@ def _tie_counts(
     Returns ``fps``, ``tps`` (float64) and the matching thresholds; point ``i`` counts every
     sample whose score is ``>= thresholds[i]`` as positive (sklearn's ``_binary_clf_curve``).
     """
-    sorted_scores, order = torch.sort(scores, descending=True)
-    tps_all = torch.cumsum(labels[order], 0, dtype=torch.float64)
+    sorted_scores, sorted_labels = sort_desc(scores, labels)
+    tps_all = torch.cumsum(sorted_labels, 0, dtype=torch.float64)
     last = torch.ones_like(sorted_scores, dtype=torch.bool)
     last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
     idx = last.nonzero().squeeze(1)
@@ -91,6 +93,12 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     if s.numel() == 0 or _has_nan(s):
         return None
     fps, tps, _ = _tie_counts(s, y)
+    return area_from_counts(fps, tps)
+
+
+def area_from_counts(fps: torch.Tensor, tps: torch.Tensor) -> float | None:
+    """AUROC from cumulative false/true positive counts at each distinct score (highest
+    first, as :func:`_tie_counts` gives them); None when a class is absent."""
     n_neg, n_pos = float(fps[-1]), float(tps[-1])
     if n_neg == 0 or n_pos == 0:
         return None

@@ -68,10 +68,13 @@ def _random_case(seed: int, n: int = 6, size: int = 32, decimals: int | None = 2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_aupro_matches_reference_with_ties(seed):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_aupro_matches_reference_with_ties(seed, dtype):
+    """float32 maps on the CPU take the packed-key sort, float64 ones torch.sort."""
     maps, masks = _random_case(seed)
-    got = aupro(torch.from_numpy(maps), torch.from_numpy(masks))
-    assert got == pytest.approx(_reference_aupro(maps, masks), abs=1e-6)
+    m = torch.from_numpy(maps).to(dtype)
+    got = aupro(m, torch.from_numpy(masks))
+    assert got == pytest.approx(_reference_aupro(m.double().numpy(), masks), abs=1e-6)
 
 
 @pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
@@ -176,3 +179,22 @@ def test_cuda_matches_cpu():
     maps, masks = _random_case(4, decimals=2)
     m, k = torch.from_numpy(maps), torch.from_numpy(masks)
     assert aupro(m.cuda(), k.cuda()) == pytest.approx(aupro(m, k), abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decimals", [2, None])
+def test_pixel_metrics_from_one_sort_equal_separate_metrics(dtype, decimals):
+    from sklearn.metrics import roc_auc_score
+
+    from anomaly_bench.metrics import auroc
+    from anomaly_bench.metrics.pro import pixel_metrics
+
+    maps, masks = _random_case(5, decimals=decimals)
+    m, k = torch.from_numpy(maps).to(dtype), torch.from_numpy(masks)
+    pix, pro = pixel_metrics(m, k)
+    assert pix == pytest.approx(auroc(m, k), abs=1e-12)
+    assert pix == pytest.approx(roc_auc_score(masks.ravel(), m.double().numpy().ravel()),
+                                abs=1e-9)
+    assert pro == pytest.approx(aupro(m, k), abs=1e-12)
+    assert pro == pytest.approx(_reference_aupro(m.double().numpy(), masks), abs=1e-6)
+    assert pixel_metrics(m, torch.zeros_like(k)) == (None, None)  # no defect pixel

@@ -1,0 +1,68 @@
+"""Descending sort of scores that carry a small integer payload (a label or a region id).
+
+Every ranking metric here starts with one sort of all scores (1.5 million pixels for 30
+maps of 224 x 224). ``torch.sort`` on the CPU sorts (value, index) pairs with a comparison
+sort: about 120 ms for those pixels on the reference machine. For float32 scores on the
+CPU, each score and its payload are packed into one unsigned 64-bit key (the score's
+order-preserving bit pattern above the payload) and the keys are sorted by NumPy, whose
+vectorised sort (x86-simd-sort) takes about 7 ms for the same pixels. The order of equal
+scores differs between the two paths, which no tie-collapsed curve depends on. Other
+dtypes and CUDA tensors use ``torch.sort`` (a radix sort on the GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_LOW = np.uint64(0xFFFFFFFF)
+_MAGNITUDE = np.uint32(0x7FFFFFFF)
+
+
+def _packable(scores: torch.Tensor, payload: torch.Tensor) -> bool:
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or payload.numel() == 0:
+        return False
+    if payload.dtype == torch.bool:
+        return True
+    return int(payload.min()) >= 0 and int(payload.max()) <= 0xFFFFFFFF
+
+
+def _descending_code(bits: np.ndarray) -> np.ndarray:
+    """uint32 codes whose ascending order is the descending order of the float32 ``bits``.
+
+    A non-negative float keeps its sign bit (0) and has its magnitude bits inverted; a
+    negative one is kept as is. The map is its own inverse.
+    """
+    positive = (bits >> np.uint32(31)) ^ np.uint32(1)
+    return bits ^ (positive * _MAGNITUDE)
+
+
+def sort_desc(scores: torch.Tensor, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` (1-D, no NaN) sorted in descending order, and ``payload`` in that order.
+
+    ``payload`` is bool or non-negative integers; it comes back as int64 (bool stays bool).
+    """
+    if not _packable(scores, payload):
+        ordered, order = torch.sort(scores, descending=True)
+        return ordered, payload[order]
+    # +0.0 turns -0.0 into +0.0, so equal scores have equal bits
+    bits = (scores.contiguous() + 0.0).numpy().view(np.uint32)
+    keys = _descending_code(bits).astype(np.uint64) << np.uint64(32)
+    keys |= payload.numpy().astype(np.uint64)
+    keys.sort()
+    code = (keys >> np.uint64(32)).astype(np.uint32)
+    ordered = torch.from_numpy(_descending_code(code).view(np.float32))
+    carried = torch.from_numpy((keys & _LOW).astype(np.int64))
+    return ordered, carried.bool() if payload.dtype == torch.bool else carried
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest (1-based) of 1-D ``values`` (no NaN), as a 0-d tensor.
+
+    On the CPU NumPy's introselect (``np.partition``) does it in about 1 ms for 1.5 million
+    floats, where ``torch.kthvalue`` takes about 30 ms.
+    """
+    if values.device.type == "cpu":
+        arr = values.contiguous().numpy()
+        return torch.as_tensor(np.partition(arr, k - 1)[k - 1])
+    return torch.kthvalue(values, k).values
