@@ -29,6 +29,7 @@ from anomaly_bench.data import (
     resolve_root,
 )
 from anomaly_bench.errors import ConfigError
+from anomaly_bench.memo import MEMO, file_stamp
 from anomaly_bench.methods import AnomalyMethod, build_method
 from anomaly_bench.metrics import compute_metrics
 from anomaly_bench.report import plots
@@ -89,6 +90,12 @@ class Runner:
         self.run_dir = Path(run_dir)
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
+        budget = cfg.get("memory_cache_gb", 4)
+        try:
+            MEMO.configure(int(float(budget) * 2**30))
+        except (TypeError, ValueError):
+            raise ConfigError(f"memory_cache_gb={budget!r} must be a number of GiB "
+                              "(0 turns the in-process memo off).") from None
         self.results_path = self.run_dir / "results.csv"
         self.transform: Any = None  # loader hook of the current category's alignment
 
@@ -185,11 +192,23 @@ class Runner:
         from anomaly_bench.alignment.hook import rotation_hook
         from anomaly_bench.alignment.orb import build_aligner
 
-        aligner = build_aligner(cfg, [r.image_path for r in split.train])
-        if aligner is None:
-            return None
-        result = aligner.align_all([r.image_path for r in split.train + split.test],
-                                   desc=f"align {split.category}")
+        paths = [r.image_path for r in split.train + split.test]
+        try:  # the jobs of a sweep in one process align once
+            ref = cfg.get("reference")
+            ref_file = Path(str(ref)).expanduser() if isinstance(ref, str) else None
+            key: tuple | None = (
+                "align", repr(sorted(cfg.items())), tuple(file_stamp(p) for p in paths),
+                file_stamp(ref_file) if ref_file is not None and ref_file.is_file() else None)
+        except OSError:
+            key = None  # a missing file: alignment itself reports it
+        result = MEMO.get(key) if key is not None else None
+        if result is None:
+            aligner = build_aligner(cfg, [r.image_path for r in split.train])
+            if aligner is None:
+                return None
+            result = aligner.align_all(paths, desc=f"align {split.category}")
+            if key is not None:
+                MEMO.put(key, result)
         if result.fallbacks:
             log.warning("%s: %d of %d images had too few ORB matches and were not rotated",
                         split.category, len(result.fallbacks), len(split.train) + len(split.test))

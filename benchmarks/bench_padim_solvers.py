@@ -1,10 +1,12 @@
 """PaDiM fit and scoring: the low-rank (Woodbury) solver against the full covariance solver.
 
 Both are exact; this prints their fit and per-image scoring times and the largest
-difference between their distance maps on the same embeddings (WRN50 layer1-3 sizes:
-d=550 channels on a 56x56 grid by default).
+difference between their distance maps on the same features. The default pyramid has
+the shape of PaDiM's WRN50 embedding: d=550 channels drawn from layer1 (56x56), layer2
+(28x28) and layer3 (14x14) in proportion to their widths (79 + 157 + 314). The full
+solver works on the upsampled concatenation; the low-rank solver on each level's grid.
 
-    python benchmarks/bench_padim_solvers.py --n-train 64 --dim 550 --grid 56
+    python benchmarks/bench_padim_solvers.py --n-train 64 --dims 79 157 314 --grid 56
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from anomaly_bench.ops.gaussian import (
     GaussianAccumulator,
@@ -26,37 +29,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=550)
-    ap.add_argument("--grid", type=int, default=56)
+    ap.add_argument("--dims", type=int, nargs="+", default=[79, 157, 314])
+    ap.add_argument("--grid", type=int, default=56, help="finest grid; level i has grid/2^i")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    p = args.grid * args.grid
-    train = torch.randn(args.n_train, args.dim, p, generator=gen).to(dev)
-    test = torch.randn(args.n_test, args.dim, p, generator=gen).to(dev) * 1.5
+    sizes = [args.grid // 2**i for i in range(len(args.dims))]
 
+    def pyramid(n: int, scale: float) -> list[torch.Tensor]:
+        return [(torch.randn(n, c, s, s, generator=gen) * scale).to(dev)
+                for c, s in zip(args.dims, sizes, strict=True)]
+
+    def concat(levels: list[torch.Tensor]) -> torch.Tensor:
+        g = (args.grid, args.grid)
+        return torch.cat([F.interpolate(f, size=g, mode="nearest") for f in levels], 1).flatten(2)
+
+    train, test = pyramid(args.n_train, 1.0), pyramid(args.n_test, 1.5)
     t0 = time.perf_counter()
     acc = GaussianAccumulator()
     for i in range(0, args.n_train, args.batch):
-        acc.update(train[i : i + args.batch])
+        acc.update(concat([f[i : i + args.batch] for f in train]))
     mean, inv_cov = acc.finalize(0.01)
     full_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    d_full = mahalanobis(test, mean, inv_cov)
+    d_full = mahalanobis(concat(test), mean, inv_cov)
     full_test = (time.perf_counter() - t0) / args.n_test
     del inv_cov
 
     t0 = time.perf_counter()
-    mean2, centred, chol = lowrank_fit(train, 0.01)
+    model = lowrank_fit(train, (args.grid, args.grid), 0.01)
     low_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    d_low = lowrank_mahalanobis(test, mean2, centred, chol, 0.01)
+    d_low = lowrank_mahalanobis(test, model)
     low_test = (time.perf_counter() - t0) / args.n_test
 
     diff = (d_full - d_low).abs().max().item() / d_full.abs().max().item()
-    print(f"N={args.n_train} C={args.dim} P={p} device={dev} threads={torch.get_num_threads()}")
+    print(f"N={args.n_train} C={sum(args.dims)} ({'+'.join(map(str, args.dims))}) on grids "
+          f"{', '.join(f'{s}x{s}' for s in sizes)} device={dev} threads={torch.get_num_threads()}")
     print(f"{'solver':<10}{'fit s':>10}{'test ms/img':>14}")
     print(f"{'full':<10}{full_fit:>10.2f}{1000 * full_test:>14.1f}")
     print(f"{'lowrank':<10}{low_fit:>10.2f}{1000 * low_test:>14.1f}")

@@ -19,11 +19,15 @@ class RotationHook:
     def __init__(self, rotations: Mapping[str, int]) -> None:
         self.rotations = dict(rotations)
 
+    def key(self, record: SampleRecord) -> int:
+        """The quarter turns applied to ``record`` (what distinguishes its output)."""
+        return int(self.rotations.get(str(record.image_path), 0)) % 4
+
     def __call__(self, image: Image.Image, mask: Image.Image | None,
                  record: SampleRecord) -> tuple[Image.Image, Image.Image | None, int]:
         from anomaly_bench.alignment.orb import rotate_pil
 
-        k = int(self.rotations.get(str(record.image_path), 0)) % 4
+        k = self.key(record)
         if k == 0:
             return image, mask, 0
         return rotate_pil(image, k), (None if mask is None else rotate_pil(mask, k)), k

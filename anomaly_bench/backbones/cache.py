@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from anomaly_bench.memo import MEMO
+
 
 def image_key(image: torch.Tensor) -> str:
     """SHA-1 of a preprocessed image tensor's shape, dtype and bytes."""
     t = image.detach().contiguous().cpu()
     h = hashlib.sha1(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(t.numpy().tobytes())
+    h.update(memoryview(t.numpy()).cast("B"))  # the tensor's bytes, without a copy
     return h.hexdigest()
 
 
@@ -45,9 +47,18 @@ class FeatureCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def load(self, keys: Sequence[str], names: Sequence[str]) -> dict[str, torch.Tensor] | None:
-        """Stacked tensors ``{name: (B, ...)}`` when every image has every name, else None."""
+        """Stacked tensors ``{name: (B, ...)}`` when every image has every name, else None.
+
+        A batch read before in this process (or just stored) comes from the process memo
+        (:mod:`anomaly_bench.memo`) without touching the disk.
+        """
         from safetensors import safe_open
 
+        batch = tuple(keys)
+        held = {n: MEMO.get(("features", str(self.dir), batch, n)) for n in names}
+        if all(v is not None for v in held.values()):
+            self.hits += len(keys)
+            return held
         paths = [self._path(k) for k in keys]
         if not all(p.is_file() for p in paths):
             self.misses += len(keys)
@@ -66,7 +77,9 @@ class FeatureCache:
                 self.misses += len(keys)
                 return None
         self.hits += len(keys)
-        return {n: torch.stack(v) for n, v in out.items()}
+        stacked = {n: torch.stack(v) for n, v in out.items()}
+        self._remember(batch, stacked)
+        return stacked
 
     def store(self, keys: Sequence[str], blocks: dict[str, torch.Tensor]) -> None:
         """Write one entry per image holding every block output given (B, ...) each."""
@@ -84,3 +97,8 @@ class FeatureCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+        self._remember(tuple(keys), cpu)
+
+    def _remember(self, batch: tuple[str, ...], stacked: dict[str, torch.Tensor]) -> None:
+        for n, t in stacked.items():
+            MEMO.put(("features", str(self.dir), batch, n), t)

@@ -126,6 +126,20 @@ def selection_tag(selection: Mapping[str, int]) -> str:
     return "+".join(f"{stage}.{idx}" for stage, idx in selection.items())
 
 
+class Features(dict):
+    """``{stage: (B, C, h, w) block output}`` as a plain dict, plus what names its content.
+
+    ``sources[stage]`` identifies that tensor's values (backbone and weights, block, and the
+    content key of every image) when they came through the feature cache, else it is
+    absent; methods may key memoised derived statistics on it.
+    """
+
+    def __init__(self, blocks: Mapping[str, torch.Tensor],
+                 sources: Mapping[str, tuple] | None = None) -> None:
+        super().__init__(blocks)
+        self.sources: dict[str, tuple] = dict(sources or {})
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning ``{stage: block output}`` for the selected blocks."""
 
@@ -175,10 +189,10 @@ class FeatureExtractor(nn.Module):
         """Serve and store block outputs through ``cache`` (None detaches)."""
         self.cache = cache
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Features:
         if self.cache is None:
             blocks = self._run(images, every_block=False)
-            return {s: blocks[f"{s}.{i}"] for s, i in self.selection.items()}
+            return Features({s: blocks[f"{s}.{i}"] for s, i in self.selection.items()})
         keys = [image_key(img) for img in images]
         names = [f"{s}.{i}" for s, i in self.selection.items()]
         hit = self.cache.load(keys, names)
@@ -186,8 +200,10 @@ class FeatureExtractor(nn.Module):
             blocks = self._run(images, every_block=True)
             self.cache.store(keys, blocks)
             hit = {n: blocks[n] for n in names}
-        return {s: hit[n].to(images.device, non_blocking=True)
-                for s, n in zip(self.selection, names, strict=True)}
+        origin = (str(self.cache.dir), tuple(keys))
+        return Features({s: hit[n].to(images.device, non_blocking=True)
+                         for s, n in zip(self.selection, names, strict=True)},
+                        {s: (*origin, n) for s, n in zip(self.selection, names, strict=True)})
 
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """Outputs ``{"layerS.i": tensor}`` of the selected blocks, or of every block run.

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
+from anomaly_bench.memo import MEMO, file_stamp
 from anomaly_bench.types import ANOMALOUS, Batch, SampleRecord
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +28,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``transform_pil(image, mask, record)`` -> ``(image, mask)`` or ``(image, mask, k)``: applied
 #: to the native-size PIL image and mask (None when there is none) before preprocessing,
 #: e.g. by alignment to rotate both; ``k`` (quarter turns applied) goes to ``Batch.rotations``.
+#: A transform with a ``key(record)`` method (a hashable naming what it does to that record)
+#: lets loaded items be memoised; one without is applied afresh every time.
 TransformPil = Callable[
     [Image.Image, Image.Image | None, SampleRecord],
     tuple[Image.Image, Image.Image | None] | tuple[Image.Image, Image.Image | None, int],
@@ -179,7 +182,28 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The preprocessed item, kept in the process memo (:mod:`anomaly_bench.memo`) under
+        the files' stamps, the preprocessing and the transform's decision for the record, so
+        the jobs of a sweep in one process decode each image once."""
         rec = self.records[index]
+        key = self._memo_key(rec)
+        if key is None:
+            return self._load(rec)
+        return MEMO.get_or_compute(key, lambda: self._load(rec))
+
+    def _memo_key(self, rec: SampleRecord) -> tuple | None:
+        decide = getattr(self.transform_pil, "key", None)
+        if self.transform_pil is not None and decide is None:
+            return None  # a transform that cannot name its effect: never memoised
+        try:
+            return ("sample", file_stamp(rec.image_path),
+                    file_stamp(rec.mask_path) if self.with_masks else None, rec.label,
+                    rec.defect_type, self.preprocess, self.with_masks,
+                    decide(rec) if decide is not None else None)
+        except OSError:
+            return None  # missing file: loading reports it
+
+    def _load(self, rec: SampleRecord) -> dict[str, Any]:
         image = read_image(rec.image_path)
         mask = None
         if self.with_masks:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,15 @@ def upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def split_channels(channels: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Sorted indices into concatenated channels, as local indices of each part of ``sizes``."""
+    out, offset = [], 0
+    for n in sizes:
+        out.append(channels[(channels >= offset) & (channels < offset + n)] - offset)
+        offset += n
+    return out
+
+
 def concat_pyramid(features: Mapping[str, torch.Tensor],
                    channels: torch.Tensor | None = None) -> torch.Tensor:
     """Upsample every map to the first (finest) map's grid (nearest) and concatenate.
@@ -51,16 +60,12 @@ def concat_pyramid(features: Mapping[str, torch.Tensor],
     selection happens before upsampling, so dropped channels cost nothing.
     """
     maps = list(features.values())
+    if channels is not None:
+        local = split_channels(channels, [m.shape[1] for m in maps])
+        maps = [m.index_select(1, i) for m, i in zip(maps, local, strict=True)]
     size = tuple(maps[0].shape[-2:])
-    parts, offset = [], 0
-    for m in maps:
-        n = m.shape[1]
-        if channels is not None:
-            local = channels[(channels >= offset) & (channels < offset + n)] - offset
-            m = m.index_select(1, local)
-            offset += n
-        parts.append(m if tuple(m.shape[-2:]) == size else upsample_nearest(m, size))
-    return torch.cat(parts, dim=1)
+    return torch.cat([m if tuple(m.shape[-2:]) == size else upsample_nearest(m, size)
+                      for m in maps], dim=1)
 
 
 def to_image_maps(patch_scores: torch.Tensor, image_size: tuple[int, int],

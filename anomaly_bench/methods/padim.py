@@ -9,7 +9,9 @@ blurred with sigma = 4 and its maximum is the image score.
 Two exact solvers give the same distances. ``full`` streams the training set into running
 means and scatter matrices and inverts one C x C covariance per position. ``lowrank``
 keeps the N centred training embeddings and applies the Woodbury identity, which is far
-cheaper whenever N < C (every MVTec AD category has fewer than 550 training images).
+cheaper whenever N < C (every MVTec AD category has fewer than 550 training images). Its
+statistics are kept per selected block on that block's own grid, so a coarse block
+upsampled 4x costs a quarter, and the concatenated (P, N, C) embedding never exists.
 ``auto`` collects embeddings while N <= C and switches to streaming beyond that, so memory
 never exceeds the C x C x P of the full solver.
 """
@@ -22,13 +24,21 @@ from typing import Any
 import torch
 
 from anomaly_bench.errors import ConfigError
+from anomaly_bench.memo import MEMO
 from anomaly_bench.methods.base import AnomalyMethod, register
-from anomaly_bench.methods.common import build_extractor, concat_pyramid, to_image_maps
+from anomaly_bench.methods.common import (
+    build_extractor,
+    concat_pyramid,
+    split_channels,
+    to_image_maps,
+)
 from anomaly_bench.ops.gaussian import (
     GaussianAccumulator,
-    lowrank_fit,
-    lowrank_mahalanobis,
+    level_cross,
+    level_stats,
+    lowrank_distance,
     mahalanobis,
+    whitening,
 )
 from anomaly_bench.types import Batch, Prediction
 
@@ -55,58 +65,139 @@ class Padim(AnomalyMethod):
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(total, generator=gen)[:n_features].sort().values
         self.register_buffer("channel_idx", idx)
+        self.stages = list(extractor.channels)
+        local = split_channels(idx, list(extractor.channels.values()))
+        for stage, i in zip(self.stages, local, strict=True):
+            self.register_buffer(f"channels_{stage}", i, persistent=False)
         if solver not in ("auto", "full", "lowrank"):
             raise ConfigError(f"method.solver={solver} is not one of auto, full, lowrank.")
         self.solver = solver
-        self.register_buffer("mean", None)
+        self.register_buffer("mean", None)  # full solver: (C, P)
         self.register_buffer("inv_cov", None)  # full solver: (P, C, C)
-        self.register_buffer("centred", None)  # lowrank solver: (P, N, C)
-        self.register_buffer("chol", None)  # lowrank solver: (P, N, N) float64
+        for stage in self.stages:  # lowrank solver, per stage on its own grid
+            self.register_buffer(f"mean_{stage}", None)  # (p, c) float64
+            self.register_buffer(f"centred_{stage}", None)  # (p, N, c) float64
+        self.register_buffer("whiten", None)  # lowrank solver: (P, N, N) float64
+        self._level_keys: dict[str, tuple | None] = {}  # memo keys of the fitted statistics
         self.reg = reg
         self.blur_sigma = blur_sigma
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, d, h, w) embedding: concatenated pyramid restricted to the chosen channels."""
+    def _select(self, stage: str, block: torch.Tensor) -> torch.Tensor:
+        return block.index_select(1, self.get_buffer(f"channels_{stage}"))
+
+    def _blocks(self, images: torch.Tensor) -> list[tuple[torch.Tensor, tuple | None]]:
+        """Per stage: (block output, its content source) when it came through the feature
+        cache, else (the chosen channels, None). Selection of sourced blocks is deferred, so
+        statistics memoised under the source skip it."""
         with torch.no_grad():
-            return concat_pyramid(self.extractor(images), self.channel_idx)
+            feats = self.extractor(images)
+        sources = getattr(feats, "sources", {})
+        return [(feats[s], sources[s]) if s in sources else (self._select(s, feats[s]), None)
+                for s in self.stages]
+
+    def _level(self, stage: str, part: tuple[torch.Tensor, tuple | None]) -> torch.Tensor:
+        block, source = part
+        return block if source is None else self._select(stage, block)
+
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen channels of every selected block, each on its own grid (B, c, h, w)."""
+        with torch.no_grad():
+            return [self._level(s, part) for s, part in zip(self.stages, self._blocks(images),
+                                                            strict=True)]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, d, h, w) embedding: the chosen channels upsampled to the finest grid."""
+        return self._concat(self.levels(images))
+
+    def _concat(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return concat_pyramid(dict(zip(self.stages, levels, strict=True)))
+
+    def _memo_key(self, kind: str, stage: str, *sources: tuple | None) -> tuple | None:
+        """Key of a memoised per-stage statistic, or None when a source is unknown. The jobs
+        of a block sweep share each block's statistics (see :mod:`anomaly_bench.memo`)."""
+        if not sources or any(src is None for src in sources):
+            return None
+        channels = self.get_buffer(f"channels_{stage}").cpu().numpy().tobytes()
+        return ("padim", kind, channels, *sources)
 
     def fit(self, batches: Iterable[Batch]) -> None:
         dim = int(self.channel_idx.numel())
         acc: GaussianAccumulator | None = GaussianAccumulator() if self.solver == "full" else None
-        kept: list[torch.Tensor] = []
+        kept: list[list[tuple[torch.Tensor, tuple | None]]] = []
         n = 0
         for batch in batches:
-            emb = self.embed(batch.images).flatten(2)
-            n += emb.shape[0]
+            parts = self._blocks(batch.images)
+            n += parts[0][0].shape[0]
             if acc is None and (self.solver == "lowrank" or n <= dim):
-                kept.append(emb)
+                kept.append(parts)
                 continue
             if acc is None:  # auto: more samples than channels, stream from here on
                 acc = GaussianAccumulator()
-                for e in kept:
-                    acc.update(e)
+                for k in kept:
+                    acc.update(self._concat(self._levels_of(k)).flatten(2))
                 kept = []
-            acc.update(emb)
-        self.mean = self.inv_cov = self.centred = self.chol = None
+            acc.update(self._concat(self._levels_of(parts)).flatten(2))
+        self.mean = self.inv_cov = self.whiten = None
+        self._level_keys = {}
+        for stage in self.stages:
+            setattr(self, f"mean_{stage}", None)
+            setattr(self, f"centred_{stage}", None)
         with torch.no_grad():
             if acc is not None:
                 self.mean, self.inv_cov = acc.finalize(self.reg)
-            else:
-                embeddings = torch.cat(kept)
-                kept.clear()
-                self.mean, self.centred, self.chol = lowrank_fit(embeddings, self.reg)
+                return
+            if not kept:
+                raise ConfigError("PaDiM needs training images; the training set is empty.")
+            if n < 2:
+                raise ConfigError(f"PaDiM needs at least two training images; got {n}.")
+            grams, shapes = [], []
+            for i, stage in enumerate(self.stages):
+                parts = [k[i] for k in kept]
+                key = self._memo_key("level", stage, *(src for _, src in parts))
+                self._level_keys[stage] = key
+
+                def stats(stage: str = stage, parts: list = parts) -> tuple:
+                    return level_stats([self._level(stage, p) for p in parts])
+
+                mean, centred, gram = stats() if key is None else MEMO.get_or_compute(key, stats)
+                setattr(self, f"mean_{stage}", mean)
+                setattr(self, f"centred_{stage}", centred)
+                grams.append(gram)
+                shapes.append(tuple(parts[0][0].shape[-2:]))
+            kept.clear()
+            self.whiten = whitening(grams, shapes, shapes[0], self.reg)
+
+    def _levels_of(self, parts: list[tuple[torch.Tensor, tuple | None]]) -> list[torch.Tensor]:
+        return [self._level(s, p) for s, p in zip(self.stages, parts, strict=True)]
 
     def predict(self, batch: Batch) -> Prediction:
-        if self.mean is None:
+        if self.inv_cov is None and self.whiten is None:
             raise RuntimeError("PaDiM.predict called before fit")
         with torch.no_grad():
-            emb = self.embed(batch.images)
-            b, _, h, w = emb.shape
+            parts = self._blocks(batch.images)
+            b = parts[0][0].shape[0]
+            shapes = [tuple(block.shape[-2:]) for block, _ in parts]
+            h, w = shapes[0]
             if self.inv_cov is not None:
-                dist = mahalanobis(emb.flatten(2), self.mean, self.inv_cov)
+                levels = self._levels_of(parts)
+                dist = mahalanobis(self._concat(levels).flatten(2), self.mean, self.inv_cov)
             else:
-                dist = lowrank_mahalanobis(emb.flatten(2), self.mean, self.centred, self.chol,
-                                           self.reg)
+                cross, sq = [], []
+                for stage, part in zip(self.stages, parts, strict=True):
+                    fit_key = self._level_keys.get(stage)
+                    key = (self._memo_key("cross", stage, fit_key, part[1])
+                           if fit_key is not None else None)
+
+                    def share(stage: str = stage, part: tuple = part) -> tuple:
+                        return level_cross(self._level(stage, part),
+                                           self.get_buffer(f"mean_{stage}"),
+                                           self.get_buffer(f"centred_{stage}"))
+
+                    c, q = share() if key is None else MEMO.get_or_compute(key, share)
+                    cross.append(c)
+                    sq.append(q)
+                dist = lowrank_distance(cross, sq, shapes, self.whiten, (h, w), self.reg)
+                dist = dist.to(parts[0][0].dtype)
             dist = dist.view(b, h, w)
             scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma)
         return Prediction(image_scores=scores, anomaly_maps=maps)

@@ -8,7 +8,12 @@ result equals the two-pass ``torch.cov`` estimate up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
+import torch.nn.functional as F
 
 
 class GaussianAccumulator:
@@ -78,9 +83,89 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tenso
     return out.clamp_min_(0).sqrt_().t()
 
 
-def lowrank_fit(embeddings: torch.Tensor, reg: float,
-                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit per-position Gaussians from N < C samples without forming C x C matrices.
+def nearest_index(src: tuple[int, int], dst: tuple[int, int],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """(dst_h * dst_w,) flat index of the ``src`` cell each ``dst`` cell copies.
+
+    The gather equals ``F.interpolate(x, size=dst, mode="nearest")`` for any sizes (it is
+    computed by that very call on an index grid).
+    """
+    return _nearest_index(tuple(src), tuple(dst), str(device))
+
+
+@lru_cache(maxsize=64)
+def _nearest_index(src: tuple[int, int], dst: tuple[int, int], device: str) -> torch.Tensor:
+    grid = torch.arange(src[0] * src[1], dtype=torch.float64).view(1, 1, *src)
+    idx = F.interpolate(grid, size=dst, mode="nearest").round().long().flatten()
+    return idx.to(device)
+
+
+@dataclass
+class LowRankGaussians:
+    """Per-position Gaussians of a feature pyramid fitted from N samples, N <= channels.
+
+    Level ``i`` holds ``c_i`` channels on its own ``h_i x w_i`` grid; the Gaussians live on
+    the finest grid ``grid``, where every level is read by nearest-neighbour upsampling.
+    ``means[i]`` is (h_i * w_i, c_i) float64, ``centred[i]`` the centred samples
+    (h_i * w_i, N, c_i) float64, ``whiten`` (P, N, N) float64 the transposed inverse
+    ``L^-T`` of the Cholesky factor of each fine position's ``M = reg (N - 1) I + X X^T``,
+    so that ``|L^-1 v|`` of a row vector ``v`` is one matrix product ``|v L^-T|``.
+    """
+
+    means: list[torch.Tensor]
+    centred: list[torch.Tensor]
+    whiten: torch.Tensor
+    grid: tuple[int, int]
+    reg: float
+
+
+def _positions_first(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(p, n, c) float64 from (n_j, c, h, w) parts stacked along n: one strided copy each."""
+    n = sum(f.shape[0] for f in parts)
+    c, h, w = parts[0].shape[1:]
+    out = torch.empty(h * w, n, c, device=parts[0].device, dtype=torch.float64)
+    start = 0
+    for f in parts:
+        out[:, start:start + f.shape[0]].copy_(f.flatten(2).permute(2, 0, 1))
+        start += f.shape[0]
+    return out
+
+
+def level_stats(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pyramid level's share of :func:`lowrank_fit` from its (n_j, c, h, w) batches.
+
+    Returns float64 (mean (p, c), centred samples X (p, N, c), Gram matrices X X^T (p, N, N)).
+    """
+    x = _positions_first(parts)  # (p, N, c)
+    mean = x.mean(dim=1)
+    x -= mean.unsqueeze(1)
+    return mean, x, torch.bmm(x, x.transpose(1, 2))
+
+
+def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
+              grid: tuple[int, int], reg: float, chunk: int = 512) -> torch.Tensor:
+    """``L^-T`` (P, N, N) per fine position, L the Cholesky factor of ``reg (N-1) I + sum G``.
+
+    ``grams[i]`` (p_i, N, N) lives on level grid ``shapes[i]`` and is gathered per position.
+    """
+    n, device = grams[0].shape[-1], grams[0].device
+    index = [nearest_index(shape, grid, device) for shape in shapes]
+    p = grid[0] * grid[1]
+    out = torch.empty(p, n, n, device=device, dtype=torch.float64)
+    eye = torch.eye(n, device=device, dtype=torch.float64)
+    for start in range(0, p, chunk):
+        m = (eye * (reg * (n - 1))).expand(min(chunk, p - start), n, n).clone()
+        for g, idx in zip(grams, index, strict=True):
+            m += g[idx[start:start + chunk]]
+        chol = torch.linalg.cholesky(m)
+        inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        out[start:start + chunk] = inv.transpose(1, 2)
+    return out
+
+
+def lowrank_fit(levels: Sequence[torch.Tensor | Sequence[torch.Tensor]], grid: tuple[int, int],
+                reg: float, chunk: int = 512) -> LowRankGaussians:
+    """Fit per-position Gaussians from N samples without forming C x C matrices.
 
     With X the centred samples of a position (N, C), the regularised covariance is
     ``reg * I + X^T X / (N - 1)``, a rank-(N-1) update of ``reg * I``. By the Woodbury
@@ -88,35 +173,65 @@ def lowrank_fit(embeddings: torch.Tensor, reg: float,
     ``M = reg (N - 1) I + X X^T`` (N x N), so the Mahalanobis distance is exact while the
     fit costs O(N^2 C) per position instead of O(N C^2 + C^3).
 
-    ``embeddings`` is (N, C, P). Returns (mean (C, P), X (P, N, C) float32,
-    Cholesky factor of M (P, N, N) float64).
+    ``levels`` are the samples' feature maps (N, c_i, h_i, w_i) (or lists of such batches
+    along N), the concatenation of their nearest-upsampled channels on ``grid`` being the
+    modelled vector. ``X X^T`` is a sum over channels, so each level contributes its own
+    Gram matrix (:func:`level_stats`), computed once per cell of its native grid (a coarse
+    level upsampled 4x costs a quarter) and gathered per fine position (:func:`whitening`);
+    nothing of size (P, N, C) is formed.
     """
-    n = embeddings.shape[0]
-    if n < 2:
+    parts = [[lv] if isinstance(lv, torch.Tensor) else list(lv) for lv in levels]
+    if sum(f.shape[0] for f in parts[0]) < 2:
         raise ValueError("a Gaussian needs at least two training samples")
-    mean = embeddings.mean(dim=0)
-    centred = (embeddings - mean).permute(2, 0, 1).contiguous()  # (P, N, C)
-    chol = torch.empty(centred.shape[0], n, n, device=centred.device, dtype=torch.float64)
-    eye = torch.eye(n, device=centred.device, dtype=torch.float64) * (reg * (n - 1))
-    for start in range(0, centred.shape[0], chunk):
-        x = centred[start : start + chunk].double()
-        chol[start : start + chunk] = torch.linalg.cholesky(x @ x.transpose(1, 2) + eye)
-    return mean, centred, chol
+    stats = [level_stats(level) for level in parts]
+    shapes = [tuple(level[0].shape[-2:]) for level in parts]
+    whiten = whitening([g for _, _, g in stats], shapes, grid, reg, chunk)
+    return LowRankGaussians([m for m, _, _ in stats], [x for _, x, _ in stats], whiten,
+                            tuple(grid), reg)
 
 
-def lowrank_mahalanobis(features: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor,
-                        chol: torch.Tensor, reg: float, chunk: int = 256) -> torch.Tensor:
-    """Mahalanobis distance (B, P) of (B, C, P) features under :func:`lowrank_fit` Gaussians.
+def level_cross(features: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's share of :func:`lowrank_mahalanobis` for (B, c, h, w) features.
+
+    Returns float64 ``X delta`` (p, B, N) and ``|delta|^2`` (p, B) per level cell.
+    """
+    delta = _positions_first([features])  # (p, B, c)
+    delta -= mean.unsqueeze(1)
+    return torch.bmm(delta, centred.transpose(1, 2)), torch.linalg.vecdot(delta, delta)
+
+
+def lowrank_distance(cross: Sequence[torch.Tensor], sq: Sequence[torch.Tensor],
+                     shapes: Sequence[tuple[int, int]], whiten: torch.Tensor,
+                     grid: tuple[int, int], reg: float, chunk: int = 512) -> torch.Tensor:
+    """Mahalanobis distances (B, P) from the levels' :func:`level_cross` shares.
 
     ``d^2 = (|delta|^2 - |L^-1 X delta|^2) / reg``, evaluated in float64 because the two
     terms can be close.
     """
-    # one transposition to (P, B, C); per-chunk copies of a strided view cost 1.6x more
-    delta = (features.float() - mean).permute(2, 0, 1).contiguous()
-    out = torch.empty(delta.shape[0], delta.shape[1], device=delta.device, dtype=torch.float64)
-    for start in range(0, delta.shape[0], chunk):
-        d = delta[start : start + chunk].double()  # (p, B, C)
-        b = torch.bmm(centred[start : start + chunk].double(), d.transpose(1, 2))  # (p, N, B)
-        c = torch.linalg.solve_triangular(chol[start : start + chunk], b, upper=False)
-        out[start : start + chunk] = (d.square().sum(2) - c.square().sum(1)) / reg
-    return out.clamp_min_(0).sqrt_().t().to(features.dtype)
+    device = whiten.device
+    index = [nearest_index(shape, grid, device) for shape in shapes]
+    p = whiten.shape[0]
+    out = torch.empty(p, cross[0].shape[1], device=device, dtype=torch.float64)
+    for start in range(0, p, chunk):
+        rows = [idx[start:start + chunk] for idx in index]
+        b = sum(c[r] for c, r in zip(cross, rows, strict=True))  # (p, B, N)
+        s = sum(q[r] for q, r in zip(sq, rows, strict=True))
+        c = torch.bmm(b, whiten[start:start + chunk])  # rows: (L^-1 X delta)^T
+        out[start:start + chunk] = (s - torch.linalg.vecdot(c, c)) / reg
+    return out.clamp_min_(0).sqrt_().t()
+
+
+def lowrank_mahalanobis(levels: Sequence[torch.Tensor], model: LowRankGaussians,
+                        chunk: int = 512) -> torch.Tensor:
+    """Mahalanobis distance (B, P) of feature pyramids (B, c_i, h_i, w_i) under ``model``.
+
+    Both terms of the distance are sums over channels, so each level's share is computed on
+    its native grid (:func:`level_cross`) and gathered per fine position.
+    """
+    shares = [level_cross(f, m, x) for f, m, x in zip(levels, model.means, model.centred,
+                                                       strict=True)]
+    dist = lowrank_distance([c for c, _ in shares], [q for _, q in shares],
+                            [tuple(f.shape[-2:]) for f in levels], model.whiten, model.grid,
+                            model.reg, chunk)
+    return dist.to(levels[0].dtype)

@@ -55,3 +55,29 @@ def test_fit_needs_two_samples():
     acc.update(torch.randn(1, 3, 4))
     with pytest.raises(ValueError):
         acc.finalize(0.01)
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2)], [(8, 8), (3, 3), (5, 7)]])
+def test_lowrank_pyramid_equals_full_solver_on_upsampled_concatenation(sizes):
+    """Per-level low-rank statistics (any nearest-upsampling factors, integer or not) give
+    the Mahalanobis distance of the full covariance of the upsampled concatenation."""
+    import torch.nn.functional as F
+
+    from anomaly_bench.ops.gaussian import lowrank_fit, lowrank_mahalanobis
+
+    gen = torch.Generator().manual_seed(2)
+    chans = [3, 4, 5]
+    train = [torch.randn(9, c, *s, generator=gen) * (i + 1) for i, (c, s) in
+             enumerate(zip(chans, sizes, strict=True))]
+    test = [torch.randn(4, c, *s, generator=gen) * 2 for c, s in zip(chans, sizes, strict=True)]
+
+    def concat(levels):
+        return torch.cat([F.interpolate(f, size=sizes[0], mode="nearest") for f in levels], 1)
+
+    mean, inv = reference_fit(concat(train).flatten(2).double().numpy(), 0.01)
+    delta = concat(test).flatten(2).double().numpy() - mean  # (4, C, P)
+    want = np.sqrt(np.einsum("bcp,pcd,bdp->bp", delta, inv, delta))
+    model = lowrank_fit(train, sizes[0], reg=0.01, chunk=7)
+    got = lowrank_mahalanobis(test, model, chunk=7)
+    assert got.shape == (4, 64) and model.whiten.shape == (64, 9, 9)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -84,8 +84,13 @@ def test_every_solver_matches_reference(solver, n_features):
 
 def test_padim_shapes_and_paper_dims(fitted):
     model, _, test = fitted
-    assert model.mean.shape == (40, 16 * 16)
-    assert model.centred.shape == (256, 24, 40) and model.chol.shape == (256, 24, 24)
+    # low-rank statistics per block on its own grid: 16x16, 8x8, 4x4 cells
+    chans = [model.get_buffer(f"channels_{s}").numel() for s in ("layer1", "layer2", "layer3")]
+    assert sum(chans) == 40
+    for stage, c, cells in zip(("layer1", "layer2", "layer3"), chans, (256, 64, 16), strict=True):
+        assert model.get_buffer(f"mean_{stage}").shape == (cells, c)
+        assert model.get_buffer(f"centred_{stage}").shape == (cells, 24, c)
+    assert model.whiten.shape == (256, 24, 24) and model.mean is None
     pred = model.predict(_batch(test))
     assert pred.anomaly_maps.shape == (3, 64, 64) and pred.image_scores.shape == (3,)
     paper = build_method({"name": "padim", "n_features": None}, BACKBONE, LAYERS, seed=0)

@@ -1,0 +1,111 @@
+"""A process-wide memory of values that are costly to rebuild, bounded in bytes (LRU).
+
+Hydra's basic launcher runs every job of a multirun in one process, one after the other.
+The jobs of a sweep over method knobs read the same images, decide the same alignment
+and read the same cached block outputs; keeping those in memory lets every job after the
+first skip the decoding, the ORB matching and the disk reads. Keys name the inputs
+completely (file path, size and modification time, preprocessing, ...), so a hit is the
+value a rebuild would give. Entries are shared, never copied: callers must not modify
+what they get. ``memory_cache_gb`` (top-level config) sets the budget; 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+#: Default budget, overridden by the runner from ``memory_cache_gb``.
+DEFAULT_BYTES = 4 * 2**30
+
+
+def nbytes(value: Any) -> int:
+    """Bytes held by the tensors in ``value`` (tensors, dicts, lists and tuples of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v) for v in value)
+    return 64
+
+
+def file_stamp(path: str | os.PathLike | None) -> tuple | None:
+    """(resolved path, size, mtime in ns) of a file: part of every key read from disk."""
+    if path is None:
+        return None
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+class Memo:
+    """Least-recently-used mapping with a byte budget; thread-safe."""
+
+    def __init__(self, budget: int = DEFAULT_BYTES) -> None:
+        self.budget = int(budget)
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def configure(self, budget: int) -> None:
+        """Set the budget in bytes, evicting what no longer fits."""
+        with self._lock:
+            self.budget = max(0, int(budget))
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, size: int | None = None) -> None:
+        """Keep ``value`` under ``key`` unless it alone exceeds the budget."""
+        size = nbytes(value) if size is None else int(size)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size > self.budget:
+                return
+            self._items[key] = (value, size)
+            self._bytes += size
+            self._evict()
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def _evict(self) -> None:
+        while self._bytes > self.budget and self._items:
+            _, (_, size) = self._items.popitem(last=False)
+            self._bytes -= size
+
+
+#: The process-wide instance.
+MEMO = Memo()

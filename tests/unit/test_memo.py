@@ -1,0 +1,96 @@
+"""The process memo: LRU by bytes, and what the jobs of one sweep share through it."""
+
+import os
+
+import pytest
+import torch
+
+from anomaly_bench.memo import MEMO, Memo, nbytes
+
+
+@pytest.fixture(autouse=True)
+def fresh_memo():
+    MEMO.clear()
+    MEMO.configure(1 << 30)
+    yield
+    MEMO.clear()
+
+
+def test_lru_evicts_least_recent_by_bytes():
+    memo = Memo(budget=3 * 400)
+    for k in "abc":
+        memo.put(k, torch.zeros(100))  # 400 bytes each
+    assert memo.get("a") is not None  # a is now the most recent
+    memo.put("d", torch.zeros(100))
+    assert memo.get("b") is None and memo.get("a") is not None and memo.get("d") is not None
+    memo.put("huge", torch.zeros(1000))  # larger than the whole budget: not kept
+    assert memo.get("huge") is None and memo.size <= memo.budget
+    memo.configure(0)
+    assert memo.size == 0 and memo.get("a") is None
+
+
+def test_get_or_compute_computes_once():
+    memo, calls = Memo(), []
+    for _ in range(3):
+        out = memo.get_or_compute("k", lambda: calls.append(1) or {"x": torch.ones(4)})
+    assert calls == [1] and torch.equal(out["x"], torch.ones(4))
+    assert nbytes({"x": torch.ones(4), "y": [torch.ones(2, dtype=torch.float64)]}) == 32
+
+
+def test_loaded_samples_are_decoded_once_and_follow_file_changes(make_dataset, monkeypatch):
+    import anomaly_bench.data.loading as loading
+    from anomaly_bench.data import Preprocess, get_layout
+
+    root = make_dataset("mvtec")
+    split = get_layout("mvtec").split(root, "bottle")
+    reads = []
+    original = loading.read_image
+    monkeypatch.setattr(loading, "read_image", lambda p: reads.append(p) or original(p))
+    ds = loading.RecordDataset(split.test, Preprocess(size=32, crop=None))
+    first = [ds[i] for i in range(len(ds))]
+    again = [ds[i] for i in range(len(ds))]
+    assert len(reads) == len(ds)  # the second pass decoded nothing
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    other = loading.RecordDataset(split.test, Preprocess(size=16, crop=None))
+    assert other[0]["image"].shape[-1] == 16  # another preprocessing is another entry
+    path = split.test[0].image_path
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file "changed"
+    ds[0]
+    assert reads[-1] == path
+
+
+def test_padim_block_statistics_are_shared_and_exact(tmp_path):
+    """Two PaDiM jobs that share blocks (as a layer sweep does) reuse each block's
+    statistics from the memo and score exactly as a run without cache or memo."""
+    from anomaly_bench.methods import build_method
+    from anomaly_bench.types import Batch
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(12, 3, 64, 64, generator=gen)
+    test = torch.randn(5, 3, 64, 64, generator=gen)
+
+    def batch(x):
+        n = x.shape[0]
+        return Batch(images=x, labels=torch.zeros(n, dtype=torch.long),
+                     paths=[str(i) for i in range(n)], defect_types=["good"] * n)
+
+    def run(layers, cache: bool):
+        backbone = {"name": "resnet18", "pretrained": False,
+                    "cache": {"enabled": cache, "dir": str(tmp_path / "cache")}}
+        model = build_method({"name": "padim", "n_features": 40}, backbone,
+                             {"layer1": layers[0], "layer2": layers[1], "layer3": None}, seed=0)
+        model.fit([batch(train[:7]), batch(train[7:])])
+        return model.predict(batch(test))
+
+    plain = run((0, 1), cache=False)
+    assert MEMO.size == 0  # nothing to key statistics on without the feature cache
+    cached = run((0, 1), cache=True)
+    torch.testing.assert_close(cached.anomaly_maps, plain.anomaly_maps, rtol=1e-6, atol=1e-6)
+    hits = MEMO.hits
+    other = run((0, 0), cache=True)  # shares layer1.0 with the run before
+    assert MEMO.hits >= hits + 2  # its layer1 fit statistics and test shares came from memory
+    reference = run((0, 0), cache=False)
+    torch.testing.assert_close(other.anomaly_maps, reference.anomaly_maps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(other.image_scores, reference.image_scores, rtol=1e-6, atol=1e-6)
