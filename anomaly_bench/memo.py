@@ -15,7 +15,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -38,11 +37,11 @@ def nbytes(value: Any) -> int:
 
 
 def file_stamp(path: str | os.PathLike | None) -> tuple | None:
-    """(resolved path, size, mtime in ns) of a file: part of every key read from disk."""
+    """(absolute path, size, mtime in ns) of a file: part of every key read from disk."""
     if path is None:
         return None
     st = os.stat(path)
-    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 class Memo:

@@ -7,20 +7,26 @@ instead of recomputing. The key of an entry is a hash of the preprocessed image 
 (so dataset, category, resolution and alignment are all part of it) under a folder keyed
 by backbone architecture, weights and library versions. Entries are written to a temp
 file and renamed, so concurrent jobs (local or on a cluster) never read half a file, and
-two jobs writing the same entry write the same bytes.
+two jobs writing the same entry write the same bytes. Files are written by a background
+thread while the backbone goes on; a batch just computed is served from the process memo.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from anomaly_bench.memo import MEMO
+
+log = logging.getLogger("anomaly_bench")
 
 
 def image_key(image: torch.Tensor) -> str:
@@ -59,6 +65,7 @@ class FeatureCache:
         if all(v is not None for v in held.values()):
             self.hits += len(keys)
             return held
+        flush_writes()  # entries still being written count as stored
         paths = [self._path(k) for k in keys]
         if not all(p.is_file() for p in paths):
             self.misses += len(keys)
@@ -82,23 +89,54 @@ class FeatureCache:
         return stacked
 
     def store(self, keys: Sequence[str], blocks: dict[str, torch.Tensor]) -> None:
-        """Write one entry per image holding every block output given (B, ...) each."""
+        """Write one entry per image holding every block output given (B, ...) each.
+
+        The batch is served from the process memo at once; the files are written by a
+        background thread while the caller computes on (:func:`flush_writes` waits).
+        """
+        cpu = {n: t.detach().float().cpu() for n, t in blocks.items()}
+        self._remember(tuple(keys), cpu)
+        _PENDING.append(_writer().submit(self._write, list(keys), cpu))
+
+    def _write(self, keys: list[str], cpu: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        cpu = {n: t.detach().float().cpu() for n, t in blocks.items()}
         for i, key in enumerate(keys):
             path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
             try:
-                save_file({n: t[i].contiguous() for n, t in cpu.items()}, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        self._remember(tuple(keys), cpu)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-",
+                                           suffix=".safetensors")
+                os.close(fd)
+                try:
+                    save_file({n: t[i].contiguous() for n, t in cpu.items()}, tmp)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            except OSError as exc:  # the cache only saves time: report it, go on without
+                log.warning("feature cache: cannot write %s (%s); later runs will recompute "
+                            "these block outputs (backbone.cache.dir=%s)", path, exc, self.dir)
+                return
 
     def _remember(self, batch: tuple[str, ...], stacked: dict[str, torch.Tensor]) -> None:
         for n, t in stacked.items():
             MEMO.put(("features", str(self.dir), batch, n), t)
+
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_PENDING: list[Future] = []
+
+
+def _writer() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache")
+        atexit.register(flush_writes)
+    return _EXECUTOR
+
+
+def flush_writes() -> None:
+    """Wait until every cache entry stored so far is on disk."""
+    while _PENDING:
+        _PENDING.pop(0).result()

@@ -32,6 +32,8 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 _MODELS: dict[tuple, tuple[nn.Module, str]] = {}
+#: (architecture, selection) -> (channels, strides) of the selected blocks, probed once
+_SHAPES: dict[tuple, tuple[dict[str, int], dict[str, int]]] = {}
 
 
 def create_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
@@ -173,10 +175,14 @@ class FeatureExtractor(nn.Module):
         # and the layout tensor cores prefer on CUDA
         self.to(memory_format=torch.channels_last)
         self.eval().requires_grad_(False)
-        with torch.inference_mode():
-            probe = self(torch.zeros(1, 3, 64, 64))
-        self.channels = {s: int(f.shape[1]) for s, f in probe.items()}
-        self.strides = {s: 64 // int(f.shape[-1]) for s, f in probe.items()}
+        shape_key = (name, tuple(self.selection.items()))
+        if shape_key not in _SHAPES:  # the architecture alone fixes widths and strides
+            with torch.inference_mode():
+                probe = self(torch.zeros(1, 3, 64, 64))
+            _SHAPES[shape_key] = ({s: int(f.shape[1]) for s, f in probe.items()},
+                                  {s: 64 // int(f.shape[-1]) for s, f in probe.items()})
+        channels, strides = _SHAPES[shape_key]
+        self.channels, self.strides = dict(channels), dict(strides)
 
     @property
     def tag(self) -> str:

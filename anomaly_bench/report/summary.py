@@ -1,4 +1,5 @@
-"""Sweep summaries: every job's rows in summary.csv, a ranked table in summary.md.
+"""Sweep summaries: every job's rows in summary.csv, a ranked table in summary.md, and the
+figures of the best and the default setting under figures/.
 
 The Hydra callback writes them when a multirun ends; when it never ran (a crash, a
 cluster submission that ended elsewhere) the same files come from::
@@ -13,8 +14,10 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from anomaly_bench.errors import AnomalyBenchError
@@ -90,6 +93,42 @@ def _mean(values: list[str]) -> float | None:
     return sum(nums) / len(nums) if nums else None
 
 
+@dataclass
+class Setting:
+    """One swept setting: its values of the swept keys, result means, label and rows."""
+
+    key: tuple[str, ...]
+    means: dict[str, float | None]
+    label: str
+    members: list[dict[str, str]]
+
+
+def rank_settings(rows: list[dict[str, str]], swept: list[str], metric: str,
+                  shown: Sequence[str], order: str = "rank") -> list[Setting]:
+    """Rows grouped by setting, result columns averaged over categories; ``order='rank'``
+    sorts by ``metric`` (best first, ties in job order), ``'sweep'`` keeps the job order."""
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
+    first_job: dict[tuple[str, ...], int] = {}
+    for r in rows:
+        key = tuple(r[k] for k in swept)
+        groups[key].append(r)
+        first_job.setdefault(key, int(r["job"]))
+    settings = [Setting(key, {m: _mean([r.get(m, "") for r in members]) for m in {*shown, metric}},
+                        members[0].get("label", ""), members)
+                for key, members in groups.items()]
+    if order == "rank":
+        settings.sort(key=lambda st: (-(st.means[metric] if st.means[metric] is not None
+                                        else -1.0), first_job[st.key]))
+    else:
+        settings.sort(key=lambda st: first_job[st.key])
+    return settings
+
+
+def _is_default(setting: Setting, swept: list[str], marks: dict[str, str]) -> bool:
+    return bool(marks) and all(marks.get(k) == v for k, v in zip(swept, setting.key, strict=True)
+                               if k in marks)
+
+
 def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
                     default_marks: dict[str, str] | None, columns: Sequence[str] | None = None,
                     order: str = "rank") -> str:
@@ -99,23 +138,9 @@ def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
     The best value of each metric is bold; the default setting is marked.
     """
     shown = list(columns or METRICS)
-    groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
-    first_job: dict[tuple[str, ...], int] = {}
-    for r in rows:
-        key = tuple(r[k] for k in swept)
-        groups[key].append(r)
-        first_job.setdefault(key, int(r["job"]))
+    settings = rank_settings(rows, swept, metric, shown, order)
     labelled = any(r.get("label") for r in rows)
-    lines = []
-    for key, members in groups.items():
-        means = {m: _mean([r.get(m, "") for r in members]) for m in {*shown, metric}}
-        lines.append((key, means, members[0].get("label", "")))
-    if order == "rank":
-        lines.sort(key=lambda kv: (-(kv[1][metric] if kv[1][metric] is not None else -1.0),
-                                   first_job[kv[0]]))
-    else:
-        lines.sort(key=lambda kv: first_job[kv[0]])
-    best = {m: max((v[m] for _, v, _ in lines if v[m] is not None), default=None)
+    best = {m: max((st.means[m] for st in settings if st.means[m] is not None), default=None)
             for m in shown if m in METRICS}
     marks = {k: str(v) for k, v in (default_marks or {}).items()}
     cats = sorted({r["category"] for r in rows})
@@ -125,7 +150,7 @@ def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
     out = [
         f"# Sweep summary: {first.get('method', '')} on {first.get('dataset', '')}",
         "",
-        f"{len(groups)} settings from {len({r['job'] for r in rows})} jobs; "
+        f"{len(settings)} settings from {len({r['job'] for r in rows})} jobs; "
         f"categories: {', '.join(cats)}; backbone {first.get('backbone', '')} "
         f"({first.get('weights', '')}); {ranked}"
         + (" (means over categories)" if len(cats) > 1 else "") + ".",
@@ -133,19 +158,62 @@ def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
         "| " + " | ".join(header) + " |",
         "|" + "|".join([":---:"] * len(header)) + "|",
     ]
-    for key, means, label in lines:
-        is_default = bool(marks) and all(marks.get(k) == v for k, v in zip(swept, key,
-                                                                            strict=True)
-                                          if k in marks)
+    for st in settings:
+        is_default = _is_default(st, swept, marks)
         cells = [f"{v} (default)" if is_default and k in marks else v
-                 for k, v in zip(swept, key, strict=True)]
+                 for k, v in zip(swept, st.key, strict=True)]
         if labelled:
-            cells.append(label)
+            cells.append(st.label)
         for m in shown:
-            text = _fmt(means[m], m)
-            cells.append(f"**{text}**" if text and m in best and means[m] == best[m] else text)
+            text = _fmt(st.means[m], m)
+            cells.append(f"**{text}**" if text and m in best and st.means[m] == best[m] else text)
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def _read_scores(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import csv
+
+    with path.open(newline="") as fh:
+        recs = list(csv.DictReader(fh))
+    return (np.array([float(r["score"]) for r in recs]),
+            np.array([int(r["label"]) for r in recs]))
+
+
+def setting_figures(sweep_dir: Path, rows: list[dict[str, str]], swept: list[str], metric: str,
+                    default_marks: dict[str, str] | None) -> list[str]:
+    """Figures of the best setting (by ``metric``) and of the default one, per category:
+    the ROC curve with its AUC and the image-score scatter with its marginal histogram, as
+    the PaDiM layer-sweep document shows them. Drawn from each job's ``scores.csv`` into
+    ``figures/`` at the sweep root; returns the markdown lines that show them."""
+    from anomaly_bench.report import plots
+
+    settings = rank_settings(rows, swept, metric, [metric])
+    if not settings:
+        return []
+    marks = {k: str(v) for k, v in (default_marks or {}).items()}
+    picks = [("best", settings[0])]
+    default = next((st for st in settings if _is_default(st, swept, marks)), None)
+    if default is not None and default is not settings[0]:
+        picks.append(("default", default))
+    lines = []
+    for tag, st in picks:
+        desc = ", ".join(f"{k}={v}" for k, v in zip(swept, st.key, strict=True)) or "all jobs"
+        lines += ["", f"## {tag.capitalize()} setting: {desc}", ""]
+        for r in st.members:
+            scores_csv = sweep_dir / r["job"] / r["category"] / "scores.csv"
+            if not scores_csv.is_file():
+                continue
+            scores, labels = _read_scores(scores_csv)
+            title = f"{r.get('method', '')} · {r['category']} · {desc}"
+            stem = sweep_dir / "figures" / f"{tag}_{r['category']}"
+            for kind, fn in (("score_scatter", plots.plot_score_scatter),
+                             ("roc", plots.plot_roc)):
+                png = fn(Path(f"{stem}_{kind}.png"), scores, labels, title)
+                if png is not None:
+                    lines.append(f"![{tag} {r['category']} {kind}]"
+                                 f"({png.relative_to(sweep_dir).as_posix()})")
+    return lines
 
 
 def write_summary(sweep_dir: Path, metric: str | None = None,
@@ -184,9 +252,11 @@ def write_summary(sweep_dir: Path, metric: str | None = None,
     write_csv(csv_path, rows, [*COLUMNS, "job", *swept,
                                *sorted({k for r in rows for k in r} - {*COLUMNS, "job", *swept})])
     md_path = sweep_dir / "summary.md"
+    text = render_markdown(rows, swept, metric, default_marks, columns, order)
+    figures = setting_figures(sweep_dir, rows, swept, metric, default_marks)
     fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=".summary-", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        fh.write(render_markdown(rows, swept, metric, default_marks, columns, order))
+        fh.write(text + ("\n".join(figures) + "\n" if figures else ""))
     os.replace(tmp, md_path)
     return csv_path, md_path
 

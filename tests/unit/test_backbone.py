@@ -56,6 +56,7 @@ def test_truncated_network_drops_unused_stages_and_stops_early():
 
 def test_feature_cache_serves_other_blocks_of_the_same_images(tmp_path):
     from anomaly_bench.backbones.cache import FeatureCache
+    from anomaly_bench.memo import MEMO
 
     x = torch.randn(3, 3, 64, 64)
     first = FeatureExtractor("resnet18", {"layer1": 0, "layer2": -1}, pretrained=False, seed=0)
@@ -68,6 +69,7 @@ def test_feature_cache_serves_other_blocks_of_the_same_images(tmp_path):
         expected = other(x)
     other.attach_cache(FeatureCache(tmp_path, other.backbone_id))
     other.stem = None  # a cache hit must not touch the network
+    MEMO.clear()  # read the entries back from disk, not from the process memo
     with torch.inference_mode():
         got = other(x)
     assert other.cache.hits == 3

@@ -79,6 +79,27 @@ def test_summary_ranks_settings_and_marks_default(tmp_path):
     assert "**0.7000**" in table[0]
 
 
+def test_summary_draws_best_and_default_settings_from_job_scores(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    for job in range(3):
+        for cat in ("x", "y"):
+            lines = ["path,label,defect_type,score"] + [
+                f"{i}.png,{i % 2},{'crack' if i % 2 else 'good'},{0.1 * i + job}"
+                for i in range(8)]
+            (sweep / str(job) / cat).mkdir()
+            (sweep / str(job) / cat / "scores.csv").write_text("\n".join(lines) + "\n")
+    _, md_path = write_summary(sweep, default_marks={"layers.layer1": "2"})
+    md = md_path.read_text()
+    assert "## Best setting: layers.layer1=0" in md
+    assert "## Default setting: layers.layer1=2" in md
+    for tag in ("best", "default"):
+        for cat in ("x", "y"):
+            for kind in ("roc", "score_scatter"):
+                png = sweep / "figures" / f"{tag}_{cat}_{kind}.png"
+                assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                assert f"(figures/{tag}_{cat}_{kind}.png)" in md
+
+
 def test_summary_cli_and_missing_results(tmp_path, capsys):
     sweep = _fake_sweep(tmp_path / "sweep")
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(
