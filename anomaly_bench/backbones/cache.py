@@ -38,12 +38,16 @@ def image_key(image: torch.Tensor) -> str:
 
 
 class FeatureCache:
-    """Per-image safetensors files ``<root>/<backbone key>/<ab>/<image key>.safetensors``."""
+    """Per-image safetensors files ``<root>/<backbone key>/<ab>/<image key>.safetensors``.
+
+    Each holds every block output of one image as an (h, w, C) tensor (the channels-last
+    layout the extractor returns), so reading back needs no transposition.
+    """
 
     def __init__(self, root: str | Path, backbone_id: str) -> None:
         import timm
 
-        ident = f"{backbone_id}|torch={torch.__version__}|timm={timm.__version__}"
+        ident = f"{backbone_id}|torch={torch.__version__}|timm={timm.__version__}|hwc"
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
         self.dir = Path(root).expanduser() / digest
         self.hits = 0
@@ -79,12 +83,13 @@ class FeatureCache:
                         self.misses += len(keys)
                         return None
                     for n in names:
-                        out[n].append(fh.get_tensor(n))
+                        out[n].append(fh.get_tensor(n))  # (h, w, C)
             except (OSError, RuntimeError, ValueError):  # unreadable entry: recompute it
                 self.misses += len(keys)
                 return None
         self.hits += len(keys)
-        stacked = {n: torch.stack(v) for n, v in out.items()}
+        # (B, h, w, C) storage seen as (B, C, h, w) in the channels-last format
+        stacked = {n: torch.stack(v).permute(0, 3, 1, 2) for n, v in out.items()}
         self._remember(batch, stacked)
         return stacked
 
@@ -109,7 +114,8 @@ class FeatureCache:
                                            suffix=".safetensors")
                 os.close(fd)
                 try:
-                    save_file({n: t[i].contiguous() for n, t in cpu.items()}, tmp)
+                    save_file({n: t[i].permute(1, 2, 0).contiguous() for n, t in cpu.items()},
+                              tmp)
                     os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):

@@ -143,7 +143,12 @@ class Features(dict):
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen backbone returning ``{stage: block output}`` for the selected blocks."""
+    """Frozen backbone returning ``{stage: block output}`` for the selected blocks.
+
+    Outputs are (B, C, h, w) tensors in the channels-last memory format the convolutions
+    run in: every method reads them per position (a C-vector per pixel), which that layout
+    stores contiguously, and converting costs a copy of every map.
+    """
 
     def __init__(self, name: str, layers: Mapping[str, int | None], *, hub_tag: str | None = None,
                  pretrained: bool = True, weights: str | None = None, seed: int = 0,
@@ -226,7 +231,7 @@ class FeatureExtractor(nn.Module):
                     return out
                 x = block(x)
                 if every_block or i == want:
-                    out[f"{stage}.{i}"] = x.contiguous()  # methods expect the NCHW layout
+                    out[f"{stage}.{i}"] = x.contiguous(memory_format=torch.channels_last)
         if self.head is not None:
             self.head(x)  # full forward, as a hook-based extractor would run it
         return out

@@ -82,10 +82,11 @@ def _layer_share(x: torch.Tensor, patch_size: int, pretrain_dim: int, group: int
         assert isinstance(arg, torch.Tensor)
         return F.conv2d(x, arg.to(x.device, x.dtype), padding=pad, groups=x.shape[1])
     if kind == "channels":
-        b, c, h, w = x.shape
+        c = x.shape[1]
         assert isinstance(arg, int)
-        if arg > 1:
-            x = x.view(b, c // arg, arg, h, w).mean(dim=2)
+        if arg > 1:  # means of consecutive channels, kept in the channels-last layout
+            x = x.permute(0, 2, 3, 1).unflatten(3, (c // arg, arg)).mean(dim=4)
+            x = x.permute(0, 3, 1, 2)
         return F.avg_pool2d(x, patch_size, stride=1, padding=pad)  # zeros count, / p*p
     return None
 
@@ -107,28 +108,36 @@ def aggregate_patches(features: Mapping[str, torch.Tensor], patch_size: int, pre
     map's grid, and the concatenated layer vectors pooled to ``embed_dim`` (Aggregator).
     All of these are linear, so when the Aggregator's bins never straddle two layers both
     poolings are applied per layer before resizing (:func:`_plan`), which is exact and
-    resizes and stores a fraction of the values.
+    resizes and stores a fraction of the values; each layer's share is then written
+    straight into its slice of the (B, h, w, D) result.
     """
     maps = list(features.values())
+    b = maps[0].shape[0]
     h, w = maps[0].shape[-2:]
     length = pretrain_dim * len(maps)
     group = length // embed_dim if length % embed_dim == 0 else 0
-    fused = group > 0 and pretrain_dim % group == 0
+    if group > 0 and pretrain_dim % group == 0:
+        share = pretrain_dim // group
+        out = torch.empty(b, h, w, share * len(maps), device=maps[0].device,
+                          dtype=maps[0].dtype)
+        channels = out.permute(0, 3, 1, 2)  # (B, D, h, w) view of the result
+        for i, m in enumerate(maps):
+            grid = _layer_share(m, patch_size, pretrain_dim, group)
+            if grid is None:
+                grid = _mean_mapper(m, patch_size, pretrain_dim)
+                if group > 1:
+                    grid = grid.view(b, -1, group, *grid.shape[-2:]).mean(dim=2)
+            if tuple(grid.shape[-2:]) != (h, w):
+                grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            channels[:, i * share:(i + 1) * share].copy_(grid)
+        return out
     parts = []
     for m in maps:
-        grid = _layer_share(m, patch_size, pretrain_dim, group) if fused else None
-        if grid is None:
-            grid = _mean_mapper(m, patch_size, pretrain_dim)
-            if fused and group > 1:
-                grid = grid.view(grid.shape[0], -1, group, *grid.shape[-2:]).mean(dim=2)
+        grid = _mean_mapper(m, patch_size, pretrain_dim)
         if tuple(grid.shape[-2:]) != (h, w):
             grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
         parts.append(grid)
-    stacked = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # (B, h, w, channels)
-    if fused:
-        return stacked
-    b = stacked.shape[0]
-    flat = stacked.reshape(-1, 1, length)
+    flat = torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(-1, 1, length)
     return F.adaptive_avg_pool1d(flat, embed_dim).view(b, h, w, embed_dim)
 
 
@@ -200,6 +209,7 @@ class PatchCore(AnomalyMethod):
             features = features[idx]
         self.memory_bank = features.contiguous()
         self._index = None
+        _ = self.index  # built here, so its set-up counts as training time
 
     @property
     def index(self) -> KnnIndex:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from anomaly_bench.ops.matmul import matmul_nt, smallest_k
+from anomaly_bench.ops.projected import ProjectedSearch
+
 #: Default upper bound of one distance block, in bytes.
 MAX_BYTES = 256 * 2**20
 
@@ -40,7 +43,7 @@ def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None 
     """
     a_sq = sqnorm(a) if a_sq is None else a_sq
     b_sq = sqnorm(b) if b_sq is None else b_sq
-    d = a @ b.transpose(-1, -2)
+    d = matmul_nt(a, b)
     d.mul_(-2).add_(a_sq.unsqueeze(-1)).add_(b_sq.unsqueeze(-2))
     return d.clamp_min_(0)
 
@@ -69,8 +72,8 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
         best_i: torch.Tensor | None = None
         for b0 in range(0, n, cols):
             blk = bank[b0:b0 + cols]
-            if k == 1:  # one fused pass: |b|^2 - 2 q.b, then the row minimum, then + |q|^2
-                d = torch.addmm(bank_sq[b0:b0 + cols].unsqueeze(0), q, blk.T, alpha=-2)
+            if k == 1:  # |b|^2 - 2 q.b, then the row minimum, then + |q|^2
+                d = matmul_nt(q, blk).mul_(-2).add_(bank_sq[b0:b0 + cols].unsqueeze(0))
                 dv, di = d.min(dim=1, keepdim=True)
                 dv = dv.add_(q_sq.unsqueeze(1)).clamp_min_(0)
             else:
@@ -91,23 +94,23 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
 def self_knn_mean(x: torch.Tensor, k: int, *, max_bytes: int = MAX_BYTES) -> torch.Tensor:
     """Mean Euclidean distance of each row of ``x`` (B, P, D) to its ``k`` nearest *other* rows.
 
-    Each of the B sets is searched on its own (one batched matrix product per chunk); a
+    Each of the B sets is searched on its own, in row chunks of one matrix product each; a
     row's own distance is excluded, duplicates of it elsewhere are not. Returns (B, P).
     """
     b, p, _ = x.shape
     if not 1 <= k < p:
         raise ValueError(f"k={k} must be in 1..{p - 1} (the other rows of each set)")
     sq = sqnorm(x)
-    rows = max(1, _rows_per_chunk(p, max_bytes) // b)
-    out = []
-    for r0 in range(0, p, rows):
-        q = x[:, r0:r0 + rows]
-        d = pairwise_sqdist(q, x, sq[:, r0:r0 + rows], sq)
-        r = torch.arange(q.shape[1], device=x.device)
-        d[:, r, r + r0] = float("inf")
-        # only the mean is needed: unsorted top-k is about 1.6x cheaper than sorted
-        out.append(d.topk(k, dim=2, largest=False, sorted=False).values.sqrt_().mean(2))
-    return torch.cat(out, dim=1)
+    rows = _rows_per_chunk(p, max_bytes)
+    out = torch.empty(b, p, device=x.device, dtype=x.dtype)
+    for i in range(b):  # one image's patches against each other
+        for r0 in range(0, p, rows):
+            d = pairwise_sqdist(x[i, r0:r0 + rows], x[i], sq[i, r0:r0 + rows], sq[i])
+            r = torch.arange(d.shape[0], device=x.device)
+            d[r, r + r0] = float("inf")
+            # only the mean is needed: an unsorted selection of the k smallest suffices
+            out[i, r0:r0 + rows] = smallest_k(d, k).sqrt_().mean(1)
+    return out
 
 
 class KnnIndex:
@@ -118,22 +121,34 @@ class KnnIndex:
     """
 
     def __init__(self, bank: torch.Tensor, backend: str = "torch",
-                 max_bytes: int = MAX_BYTES) -> None:
+                 max_bytes: int = MAX_BYTES, prune: bool = True) -> None:
         if backend not in ("auto", "torch", "faiss"):
             raise ValueError(f"knn backend {backend!r} is not one of auto, torch, faiss")
         self.bank = bank
-        self.bank_sq = sqnorm(bank)
+        # distances are taken between mean-centred vectors: the same values, but far less
+        # cancellation in |q|^2 - 2 q.b + |b|^2 for features that share a large mean
+        self.mean = bank.mean(dim=0)
+        self.centred = bank - self.mean
+        self.bank_sq = sqnorm(self.centred)
         self.max_bytes = max_bytes
         self._faiss = None
         if backend == "faiss":
             self._faiss = _faiss_index(bank)
+        #: exact 1-NN with a projected lower bound, when it beats brute force on this bank
+        self.projected = (ProjectedSearch.build(self.centred, self.mean)
+                          if prune and self._faiss is None and bank.dtype == torch.float32
+                          else None)
 
     def search(self, query: torch.Tensor, k: int) -> Neighbours:
         if self._faiss is not None:
             d, i = self._faiss.search(query.detach().float().contiguous().numpy(), k)
             return Neighbours(torch.from_numpy(d).clamp_min_(0).sqrt_(),
                               torch.from_numpy(i).long())
-        return knn(query, self.bank, k, bank_sq=self.bank_sq, max_bytes=self.max_bytes)
+        if k == 1 and self.projected is not None and query.dtype == self.bank.dtype:
+            d, i = self.projected.nearest(query)
+            return Neighbours(d.sqrt_().unsqueeze(1), i.unsqueeze(1))
+        return knn(query - self.mean, self.centred, k, bank_sq=self.bank_sq,
+                   max_bytes=self.max_bytes)
 
 
 def _faiss_index(bank: torch.Tensor):  # faiss has no type stubs

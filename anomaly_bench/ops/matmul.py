@@ -1,0 +1,56 @@
+"""Products ``a @ b^T`` of row sets, and the k smallest values of rows, by device.
+
+Both are the inner loops of every kNN score here. On CUDA they are ``torch.matmul`` and
+``torch.topk``. On the CPU, PyTorch's float32 GEMM (MKL) reached about 190 GFLOPS on the
+2-core AMD EPYC reference machine while oneDNN, which runs the backbone's convolutions,
+reached 370-470 GFLOPS on the same products; a 1x1 convolution over a channels-last view
+hands the product to oneDNN without copying either operand. Likewise ``torch.topk``
+takes 13 ms for the 400 smallest of each row of a 1600 x 1600 matrix where NumPy's
+vectorised introselect (``np.partition``) takes 3 ms. Results are float32 products and
+exact selections either way; only the summation order of the product differs (relative
+differences of about 1e-6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) x (N, K) -> (M, N) as a 1x1 convolution: ``a`` is a channels-last image of
+    M pixels with K channels, ``b`` the N filters."""
+    m, k = a.shape
+    x = a.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last
+    out = F.conv2d(x, b.contiguous().view(b.shape[0], k, 1, 1))
+    return out.permute(0, 2, 3, 1).reshape(m, b.shape[0])
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.transpose(-1, -2)`` for (..., M, K) and (..., N, K) (same leading shape).
+
+    float32 on the CPU goes through oneDNN (see the module docstring); anything else is
+    ``torch.matmul``.
+    """
+    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return a @ b.transpose(-1, -2)
+    if a.dim() == 2 and b.dim() == 2:
+        return _onednn(a, b)
+    lead = a.shape[:-2]
+    if b.shape[:-2] != lead:
+        return a @ b.transpose(-1, -2)
+    a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.stack([_onednn(x, y) for x, y in zip(a2, b2, strict=True)])
+    return out.view(*lead, a.shape[-2], b.shape[-2])
+
+
+def smallest_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest values along the last dimension, in no particular order.
+
+    CPU tensors use NumPy's introselect (no copy in, one out); others ``torch.topk``.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and k < x.shape[-1]:
+        part = np.partition(x.detach().contiguous().numpy(), k - 1, axis=-1)[..., :k]
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return x.topk(k, dim=-1, largest=False, sorted=False).values
