@@ -83,7 +83,10 @@ class Padim(AnomalyMethod):
         self.blur_sigma = blur_sigma
 
     def _select(self, stage: str, block: torch.Tensor) -> torch.Tensor:
-        return block.index_select(1, self.get_buffer(f"channels_{stage}"))
+        """The chosen channels of ``block``, in the channels-last layout the statistics read
+        (a C-vector per position)."""
+        idx = self.get_buffer(f"channels_{stage}")
+        return block.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
 
     def _blocks(self, images: torch.Tensor) -> list[tuple[torch.Tensor, tuple | None]]:
         """Per stage: (block output, its content source) when it came through the feature
