@@ -1,12 +1,13 @@
 """A process-wide memory of values that are costly to rebuild, bounded in bytes (LRU).
 
 Hydra's basic launcher runs every job of a multirun in one process, one after the other.
-The jobs of a sweep over method knobs read the same images, decide the same alignment
-and read the same cached block outputs; keeping those in memory lets every job after the
-first skip the decoding, the ORB matching and the disk reads. Keys name the inputs
-completely (file path, size and modification time, preprocessing, ...), so a hit is the
-value a rebuild would give. Entries are shared, never copied: callers must not modify
-what they get. ``memory_cache_gb`` (top-level config) sets the budget; 0 turns it off.
+The jobs of a sweep over method knobs read the same images, decide the same alignment,
+read the same cached block outputs and derive the same per-block statistics; keeping
+those in host memory lets every job after the first skip that work. Keys name the inputs
+completely (file path, size and modification time, preprocessing, content keys, ...), so
+a hit is the value a rebuild would give. Entries are shared, never copied: callers must
+not modify what they get. Values on an accelerator are not kept (device memory belongs
+to the running job). ``memory_cache_gb`` (top-level config) sets the budget; 0 = off.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ T = TypeVar("T")
 DEFAULT_BYTES = 4 * 2**30
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 def nbytes(value: Any) -> int:
     """Bytes held by the tensors in ``value`` (tensors, dicts, lists and tuples of them)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(nbytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(nbytes(v) for v in value)
-    return 64
+    return sum(t.numel() * t.element_size() for t in _tensors(value)) or 64
 
 
 def file_stamp(path: str | os.PathLike | None) -> tuple | None:
@@ -77,7 +82,10 @@ class Memo:
             return item[0]
 
     def put(self, key: Hashable, value: Any, size: int | None = None) -> None:
-        """Keep ``value`` under ``key`` unless it alone exceeds the budget."""
+        """Keep ``value`` under ``key`` unless it alone exceeds the budget. Values holding
+        accelerator tensors are not kept: device memory belongs to the running job."""
+        if any(t.device.type != "cpu" for t in _tensors(value)):
+            return
         size = nbytes(value) if size is None else int(size)
         with self._lock:
             old = self._items.pop(key, None)

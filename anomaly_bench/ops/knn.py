@@ -4,9 +4,15 @@ Distances come from one matrix product, ``|q|^2 - 2 q.b + |b|^2`` (clamped at ze
 formulation of faiss' flat L2 index and of PatchCore's reference code. Queries are split
 into chunks so the (queries x bank) distance block stays under ``max_bytes``; a bank too
 large for one block is split too and the per-chunk top-k lists are merged, so the result is
-the exact k nearest whatever the sizes. Nothing leaves the device, so the same code runs on
-CPU and CUDA. :class:`KnnIndex` optionally hands the search to faiss when it is installed
-(CPU tensors only).
+the exact k nearest whatever the sizes. The product and the selection of the k smallest go
+through :mod:`anomaly_bench.ops.matmul` (the fastest exact kernels per device); otherwise
+nothing leaves the device, so the same code runs on CPU and CUDA.
+
+:class:`KnnIndex` holds a fixed bank: it measures distances between mean-centred vectors
+(the same distances, with far less cancellation for features sharing a large mean), finds
+single nearest neighbours with the projected lower bound of
+:mod:`anomaly_bench.ops.projected` when that beats brute force on the bank, and optionally
+hands the search to faiss when it is installed (CPU tensors only).
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ class KnnIndex:
 
     ``backend='auto'`` uses torch; faiss is used only when asked for, is installed and the
     bank lives on the CPU (its results are exact too, from a different BLAS order).
+    ``prune=False`` turns the projected lower bound off (brute force for every query).
     """
 
     def __init__(self, bank: torch.Tensor, backend: str = "torch",

@@ -94,3 +94,11 @@ def test_padim_block_statistics_are_shared_and_exact(tmp_path):
     reference = run((0, 0), cache=False)
     torch.testing.assert_close(other.anomaly_maps, reference.anomaly_maps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(other.image_scores, reference.image_scores, rtol=1e-6, atol=1e-6)
+
+
+def test_values_on_an_accelerator_are_not_kept():
+    memo = Memo()
+    meta = torch.zeros(4, device="meta")  # stands for any non-CPU device
+    memo.put("dev", {"x": meta})
+    memo.put("host", {"x": torch.zeros(4)})
+    assert memo.get("dev") is None and memo.get("host") is not None
