@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from anomaly_bench.errors import AnomalyBenchError
@@ -31,7 +32,8 @@ def _task(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     try:
-        Runner(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task)).run()
+        Runner(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task),
+               sweep=hc.mode == RunMode.MULTIRUN).run()
     except AnomalyBenchError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -22,8 +22,8 @@ import torch
 
 T = TypeVar("T")
 
-#: Default budget, overridden by the runner from ``memory_cache_gb``.
-DEFAULT_BYTES = 4 * 2**30
+#: Default budget: off until the runner sets it from ``memory_cache_gb``.
+DEFAULT_BYTES = 0
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -52,7 +52,7 @@ def file_stamp(path: str | os.PathLike | None) -> tuple | None:
 class Memo:
     """Least-recently-used mapping with a byte budget; thread-safe."""
 
-    def __init__(self, budget: int = DEFAULT_BYTES) -> None:
+    def __init__(self, budget: int = 4 * 2**30) -> None:
         self.budget = int(budget)
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
@@ -115,4 +115,4 @@ class Memo:
 
 
 #: The process-wide instance.
-MEMO = Memo()
+MEMO = Memo(DEFAULT_BYTES)

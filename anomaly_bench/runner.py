@@ -39,6 +39,8 @@ from anomaly_bench.types import Batch, CategorySplit
 
 log = logging.getLogger("anomaly_bench")
 STAGES = ("train", "test", "train_test")
+#: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
+SWEEP_MEMO_GB = 4
 
 
 @dataclass
@@ -83,18 +85,23 @@ def dataset_root(cfg: DictConfig) -> Path:
 class Runner:
     """One configured experiment over one or more categories, writing into ``run_dir``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, overrides: Sequence[str] = (),
+                 sweep: bool = False) -> None:
+        """``sweep``: the job is one of a multirun (``memory_cache_gb=auto`` then keeps the
+        in-process memo on; a single run gains nothing from it)."""
         if cfg.stage not in STAGES:
             raise ConfigError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}.")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
-        budget = cfg.get("memory_cache_gb", 4)
+        budget = cfg.get("memory_cache_gb", "auto")
+        if budget == "auto":
+            budget = SWEEP_MEMO_GB if sweep else 0
         try:
             MEMO.configure(int(float(budget) * 2**30))
         except (TypeError, ValueError):
-            raise ConfigError(f"memory_cache_gb={budget!r} must be a number of GiB "
+            raise ConfigError(f"memory_cache_gb={budget!r} must be auto or a number of GiB "
                               "(0 turns the in-process memo off).") from None
         self.results_path = self.run_dir / "results.csv"
         self.transform: Any = None  # loader hook of the current category's alignment
