@@ -26,6 +26,8 @@ from anomaly_bench.ops.projected import ProjectedSearch
 
 #: Default upper bound of one distance block, in bytes.
 MAX_BYTES = 256 * 2**20
+#: Block of the single-nearest-neighbour search (queries x bank rows, 8 MiB of float32).
+_K1_ROWS, _K1_COLS = 1024, 2048
 
 
 @dataclass
@@ -68,8 +70,12 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in 1..{n} (the bank size)")
     bank_sq = sqnorm(bank) if bank_sq is None else bank_sq
-    cols = min(n, max(k, _rows_per_chunk(1, max_bytes // 64)))  # bank chunk for huge banks
-    rows = _rows_per_chunk(cols, max_bytes)
+    if k == 1:  # cache-sized blocks: the row minimum then reads what the product just wrote
+        cols = min(n, _K1_COLS)
+        rows = max(1, min(_K1_ROWS, _rows_per_chunk(cols, max_bytes)))
+    else:
+        cols = min(n, max(k, _rows_per_chunk(1, max_bytes // 64)))  # bank chunk for huge banks
+        rows = _rows_per_chunk(cols, max_bytes)
     out_d, out_i = [], []
     for q0 in range(0, query.shape[0], rows):
         q = query[q0:q0 + rows]
@@ -88,6 +94,9 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
             di = di + b0
             if best_d is None:
                 best_d, best_i = dv, di
+            elif k == 1:  # strictly closer only: ties keep the smaller index, as argmin does
+                closer = dv < best_d
+                best_d, best_i = torch.where(closer, dv, best_d), torch.where(closer, di, best_i)
             else:
                 cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
                 best_d, pos = cat_d.topk(k, dim=1, largest=False)
