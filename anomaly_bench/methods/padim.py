@@ -102,16 +102,6 @@ class Padim(AnomalyMethod):
         block, source = part
         return block if source is None else self._select(stage, block)
 
-    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The chosen channels of every selected block, each on its own grid (B, c, h, w)."""
-        with torch.no_grad():
-            return [self._level(s, part) for s, part in zip(self.stages, self._blocks(images),
-                                                            strict=True)]
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, d, h, w) embedding: the chosen channels upsampled to the finest grid."""
-        return self._concat(self.levels(images))
-
     def _concat(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return concat_pyramid(dict(zip(self.stages, levels, strict=True)))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anomaly_bench.ops.matmul import matmul_nt, smallest_k
+from anomaly_bench.ops.matmul import matmul_nt, pairwise_sqdist, smallest_k, sqnorm
 from anomaly_bench.ops.projected import ProjectedSearch
 
 #: Default upper bound of one distance block, in bytes.
@@ -36,24 +36,6 @@ class Neighbours:
 
     distances: torch.Tensor
     indices: torch.Tensor
-
-
-def sqnorm(x: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean norm of every row (last dimension)."""
-    return (x * x).sum(-1)
-
-
-def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None,
-                    b_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, N) squared Euclidean distances between rows of ``a`` (M, D) and ``b`` (N, D).
-
-    Batched inputs (..., M, D) and (..., N, D) give (..., M, N).
-    """
-    a_sq = sqnorm(a) if a_sq is None else a_sq
-    b_sq = sqnorm(b) if b_sq is None else b_sq
-    d = matmul_nt(a, b)
-    d.mul_(-2).add_(a_sq.unsqueeze(-1)).add_(b_sq.unsqueeze(-2))
-    return d.clamp_min_(0)
 
 
 def _rows_per_chunk(n_cols: int, max_bytes: int, element_bytes: int = 4) -> int:

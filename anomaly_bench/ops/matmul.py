@@ -1,4 +1,4 @@
-"""Products ``a @ b^T`` of row sets, and the k smallest values of rows, by device.
+"""Products of row sets (``a @ b^T``, squared distances) and the k smallest values of rows.
 
 Both are the inner loops of every kNN score here. On CUDA they are ``torch.matmul`` and
 ``torch.topk``. On the CPU, PyTorch's float32 GEMM (MKL) reached about 190 GFLOPS on the
@@ -43,6 +43,24 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     out = torch.stack([_onednn(x, y) for x, y in zip(a2, b2, strict=True)])
     return out.view(*lead, a.shape[-2], b.shape[-2])
+
+
+def sqnorm(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean norm of every row (last dimension)."""
+    return (x * x).sum(-1)
+
+
+def pairwise_sqdist(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None,
+                    b_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, N) squared Euclidean distances between rows of ``a`` (M, D) and ``b`` (N, D).
+
+    Batched inputs (..., M, D) and (..., N, D) give (..., M, N).
+    """
+    a_sq = sqnorm(a) if a_sq is None else a_sq
+    b_sq = sqnorm(b) if b_sq is None else b_sq
+    d = matmul_nt(a, b)
+    d.mul_(-2).add_(a_sq.unsqueeze(-1)).add_(b_sq.unsqueeze(-2))
+    return d.clamp_min_(0)
 
 
 def smallest_k(x: torch.Tensor, k: int) -> torch.Tensor:

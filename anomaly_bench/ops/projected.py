@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anomaly_bench.ops.matmul import matmul_nt
+from anomaly_bench.ops.matmul import pairwise_sqdist
 
 DIMS = (16, 32, 64, 128, 256)
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -59,12 +59,12 @@ class ProjectedSearch:
         proj = centred @ full  # (N, m_max)
         gen = torch.Generator().manual_seed(seed)
         rows = torch.randperm(n, generator=gen)[:sample].to(centred.device)
-        exact = _sqdist(centred[rows], centred)
+        exact = pairwise_sqdist(centred[rows], centred)
         exact[torch.arange(sample, device=centred.device), rows] = float("inf")
         nearest = exact.min(dim=1).values  # leave-one-out nearest distances
         best_m, best_cost = None, max_fraction * n * d
         for m in (m for m in DIMS if m <= full.shape[1]):
-            bound = _sqdist(proj[rows, :m], proj[:, :m])
+            bound = pairwise_sqdist(proj[rows, :m], proj[:, :m])
             pairs = float((bound <= nearest.unsqueeze(1)).sum()) / sample
             cost = m * (d + n) + 3 * n + _GATHER_COST * pairs * d
             if cost < best_cost:
@@ -113,9 +113,3 @@ class ProjectedSearch:
             idx.scatter_reduce_(0, qi[won], bi[won], "amin")
             dist[r0:r0 + rows], index[r0:r0 + rows] = best, idx
         return dist, index
-
-
-def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    d = matmul_nt(a, b).mul_(-2)
-    d.add_((a * a).sum(1, keepdim=True)).add_((b * b).sum(1))
-    return d.clamp_min_(0)
