@@ -118,15 +118,6 @@ def _counts(anomaly_maps: torch.Tensor, masks: torch.Tensor,
     return _Counts(fp, (ends + 1).to(torch.float64) - fp, overlap, n_regions, n_normal)
 
 
-def _pro_points(
-    anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Unclipped (fpr, pro) at each distinct score (highest first), #regions, #normal pixels."""
-    c = _counts(anomaly_maps, masks, fpr_limit)
-    fpr, pro = c.pro_points()
-    return fpr, pro, c.n_regions, c.n_normal
-
-
 def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Official MVTec AD PRO curve over all pixels of the stack.
 
@@ -138,8 +129,7 @@ def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Te
     maps = _stack(anomaly_maps, "anomaly_maps")
     if _has_nan(maps):
         raise ValueError("pro_curve: anomaly_maps contain NaN")
-    fpr, pro, _, _ = _pro_points(maps, masks)
-    return _close_curve(fpr, pro)
+    return _close_curve(*_counts(maps, masks).pro_points())
 
 
 def _close_curve(fpr: torch.Tensor, pro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

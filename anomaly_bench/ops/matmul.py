@@ -28,21 +28,15 @@ def _onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.transpose(-1, -2)`` for (..., M, K) and (..., N, K) (same leading shape).
+    """``a @ b.transpose(-1, -2)`` for (..., M, K) and (..., N, K).
 
-    float32 on the CPU goes through oneDNN (see the module docstring); anything else is
-    ``torch.matmul``.
+    Two float32 matrices on the CPU go through oneDNN (see the module docstring); anything
+    else is ``torch.matmul``.
     """
-    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
-        return a @ b.transpose(-1, -2)
-    if a.dim() == 2 and b.dim() == 2:
+    if (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and a.dim() == b.dim() == 2):
         return _onednn(a, b)
-    lead = a.shape[:-2]
-    if b.shape[:-2] != lead:
-        return a @ b.transpose(-1, -2)
-    a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    out = torch.stack([_onednn(x, y) for x, y in zip(a2, b2, strict=True)])
-    return out.view(*lead, a.shape[-2], b.shape[-2])
+    return a @ b.transpose(-1, -2)
 
 
 def sqnorm(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anomaly_bench.ops.matmul import pairwise_sqdist
+from anomaly_bench.ops.matmul import pairwise_sqdist, sqnorm
 
 DIMS = (16, 32, 64, 128, 256)
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -72,8 +72,7 @@ class ProjectedSearch:
         if best_m is None:
             return None
         p = proj[:, :best_m].contiguous()
-        return cls(mean, centred, (centred * centred).sum(1), full[:, :best_m].contiguous(), p,
-                   (p * p).sum(1))
+        return cls(mean, centred, sqnorm(centred), full[:, :best_m].contiguous(), p, sqnorm(p))
 
     @property
     def dims(self) -> int:
@@ -93,7 +92,7 @@ class ProjectedSearch:
         for r0 in range(0, query.shape[0], rows):
             q = query[r0:r0 + rows] - self.mean
             qp = q @ self.basis
-            qp_sq = (qp * qp).sum(1)
+            qp_sq = sqnorm(qp)
             # the bound less |qp|^2, i.e. |bp|^2 - 2 qp.bp, in one fused product
             bound = torch.addmm(self.proj_sq, qp, self.proj.T, alpha=-2)
             first = bound.argmin(dim=1)
