@@ -15,13 +15,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from anomaly_bench.fsutil import atomic_open
+
 NORMAL_COLOR, ANOMALY_COLOR = "#1f77b4", "#d62728"
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_open(path, "wb", durable=False) as fh:
+            fig.savefig(fh, format="png", dpi=150, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

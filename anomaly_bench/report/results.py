@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+from anomaly_bench.fsutil import atomic_open
 
 COLUMNS: tuple[str, ...] = (
     "method", "backbone", "weights", "dataset", "category", "layers", "resolution",
@@ -46,30 +48,41 @@ def ordered_columns(rows: Iterable[Mapping[str, object]], first: Iterable[str] =
 
 
 def write_csv(path: Path, rows: list[Mapping[str, object]], columns: list[str]) -> None:
-    """Write ``rows`` to ``path`` through a temp file in the same folder and a rename."""
+    """Write ``rows`` to ``path`` atomically (:func:`~anomaly_bench.fsutil.atomic_open`)."""
+    with atomic_open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: format_value(k, row.get(k)) for k in columns})
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (read-modify-write of a shared file).
+
+    Several processes (joblib or SLURM jobs sharing a run directory) may add rows to one
+    results.csv at once; without the lock two of them read the same old file and the
+    second rename drops the first one's row.
+    """
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: format_value(k, row.get(k)) for k in columns})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)  # closing releases the lock
 
 
 def write_row(path: Path, row: Mapping[str, object]) -> None:
-    """Insert or replace (by ``category``) one row of results.csv, atomically."""
-    rows: list[Mapping[str, object]] = [
-        r for r in read_rows(path) if r.get("category") != str(row.get("category"))
-    ]
-    rows.append(dict(row))
-    write_csv(path, rows, ordered_columns(rows))
+    """Insert or replace (by ``category``) one row of results.csv, atomically and locked."""
+    with locked(path):
+        rows: list[Mapping[str, object]] = [
+            r for r in read_rows(path) if r.get("category") != str(row.get("category"))
+        ]
+        rows.append(dict(row))
+        write_csv(path, rows, ordered_columns(rows))
 
 
 def completed_categories(path: Path) -> set[str]:

@@ -10,8 +10,6 @@ cluster submission that ended elsewhere) the same files come from::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import numpy as np
 import yaml
 
 from anomaly_bench.errors import AnomalyBenchError
+from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.report.results import COLUMNS, read_rows, write_csv
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -254,10 +253,8 @@ def write_summary(sweep_dir: Path, metric: str | None = None,
     md_path = sweep_dir / "summary.md"
     text = render_markdown(rows, swept, metric, default_marks, columns, order)
     figures = setting_figures(sweep_dir, rows, swept, metric, default_marks)
-    fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=".summary-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(md_path, "w") as fh:
         fh.write(text + ("\n".join(figures) + "\n" if figures else ""))
-    os.replace(tmp, md_path)
     return csv_path, md_path
 
 
