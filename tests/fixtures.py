@@ -40,6 +40,31 @@ def write_mask(path: Path, size: tuple[int, int] = (SIZE, SIZE),
     return path
 
 
+def write_gray16(path: Path, arr: np.ndarray) -> Path:
+    """A 16-bit grayscale image (PIL mode ``I;16``) of the uint16 array ``arr`` (PNG or TIFF)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr, dtype=np.uint16)).save(path)
+    return path
+
+
+def write_broken_symlinks(folder: Path, *, pair: bool = False) -> list[Path]:
+    """Two broken symlinks with image names in ``folder``, sorted by name.
+
+    Default: ``dangling.png`` (to a missing file) and ``loop.png`` (to itself); with
+    ``pair``: ``loop_a.png`` -> ``loop_b.png`` -> ``loop_a.png``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if pair:
+        a, b = folder / "loop_a.png", folder / "loop_b.png"
+        a.symlink_to(b.name)
+        b.symlink_to(a.name)
+        return [a, b]
+    dangling, loop = folder / "dangling.png", folder / "loop.png"
+    dangling.symlink_to("missing.png")
+    loop.symlink_to(loop.name)
+    return [dangling, loop]
+
+
 def write_category(
     folder: Path,
     *,
@@ -92,7 +117,6 @@ def write_mpdd(root: Path) -> Path:
 def write_folder(root: Path, masks: bool = True) -> Path:
     """A custom folder: train/good, test/good, test/<defect>, optional ground_truth/<defect>."""
     return write_category(root, defects=("dent",), mask_suffix="_mask" if masks else None)
-
 
 
 def write_stc(root: Path, *, scenes: Sequence[str] = ("01", "02"), n_video_frames: int = 12,

@@ -9,6 +9,7 @@ categories works too (each sub-folder is one category).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .mvtec import MVTecLikeLayout
@@ -32,9 +33,10 @@ class FolderLayout(MVTecLikeLayout):
         )
 
     def categories(self, root: Path) -> list[str]:
+        """``[root's name]`` when root is a category (``.``/``..`` resolved), else sub-folders."""
         root = Path(root)
         if self.is_category(root):
-            return [root.name]
+            return [Path(os.path.abspath(root)).name]
         return super().categories(root)
 
     def accepts(self, root: Path, name: str) -> bool:

@@ -37,13 +37,23 @@ TransformPil = Callable[
 
 
 # ---------------------------------------------------------------------- reading
+#: Grayscale modes scaled from the 16-bit range; Pillow opens 16-bit PNG/TIFF as ``I;16``
+#: (older versions: ``I``).
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB copy of a loaded image; 16/32-bit grayscale is scaled to 8 bits first."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        im = Image.fromarray(arr)
+    """RGB copy of a loaded image; grayscale deeper than 8 bits is scaled by its bit depth.
+
+    16-bit modes map 0..65535 to 0..255 and float images (mode ``F``) map 0..1 to 0..255,
+    rounded and clipped (NaN becomes 0). The scale never depends on the image's content, so
+    a raw value gives the same 8-bit value in every image and a dark image stays dark.
+    """
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+        arr = np.nan_to_num(np.round(arr * scale), nan=0.0, posinf=255.0, neginf=0.0)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
 

@@ -18,9 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly_bench.errors import DataError
+from anomaly_bench.paths import check_name
 from anomaly_bench.types import ANOMALOUS, NORMAL, CategorySplit, SampleRecord
 
-from .layout_utils import IMAGE_EXTENSIONS, MaskIndex, list_images, list_subdirs, names
+from .layout_utils import (
+    IMAGE_EXTENSIONS,
+    MaskIndex,
+    list_images,
+    list_subdirs,
+    names,
+    unreadable_folder,
+)
 from .registry import register_layout
 
 
@@ -71,7 +79,8 @@ class MVTecLikeLayout:
 
     def categories(self, root: Path) -> list[str]:
         root = Path(root)
-        found = [d for d in list_subdirs(root) if self.is_category(root / d)]
+        found = [d for d in list_subdirs(root, f"{self.title} category folders")
+                 if self.is_category(root / d)]
         if self.known_categories is not None:
             found = [d for d in found if d in self.known_categories]
         return found
@@ -81,17 +90,21 @@ class MVTecLikeLayout:
         return Path(root) / category
 
     def split(self, root: Path, category: str) -> CategorySplit:
+        """Records of ``category`` (a plain name, else ConfigError) read from its tree."""
         root = Path(root)
-        folder = self.category_dir(root, category)
+        folder = self.category_dir(root, check_name(category, "dataset.category"))
         if not folder.is_dir():
             raise DataError(
                 f"{self.title} category '{category}' not found under {root}: "
                 f"{self.category_hint(root, category)} "
                 f"(categories found: {names(self.categories(root))})."
             )
-        train, test, has_masks = read_category_tree(
-            folder, self.title, self.good, self.mask_suffixes, self.masks_required
-        )
+        try:
+            train, test, has_masks = read_category_tree(
+                folder, self.title, self.good, self.mask_suffixes, self.masks_required
+            )
+        except OSError as exc:  # a folder of the tree that cannot be inspected
+            raise unreadable_folder(folder, f"the {self.title} category tree", exc) from None
         return CategorySplit(
             dataset=self.name, category=category, root=root, train=train, test=test,
             has_masks=has_masks,
@@ -124,14 +137,15 @@ def read_category_tree(
             f"{folder} is not a {title} category folder: expected {train_dir} with the "
             f"normal training images, and test/ ({detail})."
         )
-    train = [SampleRecord(p, NORMAL, good) for p in list_images(train_dir)]
+    train = [SampleRecord(p, NORMAL, good)
+             for p in list_images(train_dir, "the normal training images")]
     if not train:
         raise DataError(
             f"No training images in {train_dir}: expected the normal training images there "
             f"as {_extensions()} files."
         )
     test_dir = folder / "test"
-    defects = list_subdirs(test_dir)
+    defects = list_subdirs(test_dir, f"the test folders {good} and <defect>")
     if not defects:
         raise DataError(
             f"No test folders in {folder}: expected {test_dir}/{good} and "
@@ -141,7 +155,7 @@ def read_category_tree(
     has_masks = gt_dir.is_dir()
     test: list[SampleRecord] = []
     for defect in defects:
-        images = list_images(test_dir / defect)
+        images = list_images(test_dir / defect, "test images")
         if defect == good:
             test += [SampleRecord(p, NORMAL, good) for p in images]
             continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
 from anomaly_bench.errors import ConfigError, DataError
+from anomaly_bench.paths import check_name
 from anomaly_bench.types import CategorySplit
 
 from .layout_utils import names
@@ -186,12 +187,17 @@ def resolve_categories(
 ) -> list[str]:
     """The categories to run: ``'all'`` -> every category present, else each named one.
 
-    Raises DataError when ``'all'`` finds none or a named category is missing (listing the
-    categories that are present).
+    Every requested name, and every name the layout finds under ``root``, must be a plain
+    folder name (:func:`~anomaly_bench.paths.check_name`; ConfigError otherwise), since
+    categories name folders of the run directory. Raises DataError when ``'all'`` finds none
+    or a named category is missing (listing the categories that are present).
     """
     root = Path(root)
-    available = layout.categories(root)
-    wanted = _as_names(category)
+    wanted = [check_name(name, "dataset.category") for name in _as_names(category)]
+    available = [
+        check_name(name, f"dataset.category (found under {root})")
+        for name in layout.categories(root)
+    ]
     if not wanted:
         raise ConfigError(
             f"dataset.category is empty: name a category or 'all' "

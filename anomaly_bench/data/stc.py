@@ -31,9 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from anomaly_bench.errors import ConfigError, DataError
+from anomaly_bench.paths import check_name
 from anomaly_bench.types import ANOMALOUS, NORMAL, CategorySplit, SampleRecord
 
-from .layout_utils import list_images, list_subdirs
+from .layout_utils import list_files, list_images, list_subdirs
 from .registry import register_layout
 
 _CLIP = re.compile(r"^(\d+)_(\d+)$")
@@ -73,15 +74,15 @@ class STCLayout:
     # ------------------------------------------------------------------ layout protocol
     def categories(self, root: Path) -> list[str]:
         root = Path(root)
-        videos = root / "training" / "videos"
-        train = {_scene(p.stem) for p in videos.glob("*.avi")} if videos.is_dir() else set()
-        test = {_scene(c) for c in list_subdirs(root / "testing" / "frames")}
+        train = {_scene(p.stem) for p in self._videos(root, "*")}
+        test = {_scene(c) for c in self._clips(root)}
         return sorted(s for s in train & test if s)
 
     def split(self, root: Path, category: str) -> CategorySplit:
         root = Path(root)
-        videos = sorted((root / "training" / "videos").glob(f"{category}_*.avi"))
-        clips = [c for c in list_subdirs(root / "testing" / "frames") if _scene(c) == category]
+        check_name(category, "dataset.category")
+        videos = self._videos(root, category)
+        clips = [c for c in self._clips(root) if _scene(c) == category]
         if not videos or not clips:
             raise DataError(
                 f"ShanghaiTech Campus scene {category} under {root} needs training videos "
@@ -91,7 +92,7 @@ class STCLayout:
             )
         tests = {c: self._test_clip(root, c) for c in clips}
         cache = self._materialise(root, category, videos, tests)
-        train = [SampleRecord(p, NORMAL) for p in list_images(cache / "train")]
+        train = [SampleRecord(p, NORMAL) for p in list_images(cache / "train", "frames")]
         test: list[SampleRecord] = []
         for clip, (frames, labels, _) in tests.items():
             for i, (frame, label) in enumerate(zip(frames, labels, strict=True)):
@@ -103,9 +104,22 @@ class STCLayout:
         return CategorySplit("stc", category, root, train, test, has_masks=True)
 
     # ------------------------------------------------------------------ helpers
+    def _videos(self, root: Path, scene: str) -> list[Path]:
+        """The training videos ``<scene>_*.avi`` (``*`` = every scene), sorted by name."""
+        return list_files(root / "training" / "videos", f"{scene}_*.avi",
+                          "the training videos <scene>_<clip>.avi")
+
+    def _clips(self, root: Path) -> list[str]:
+        """The test clip folders, sorted; their names become ``SampleRecord.subset``, so each
+        must be a plain name (ConfigError otherwise)."""
+        folder = root / "testing" / "frames"
+        found = list_subdirs(folder, "one folder of test frames per clip, <scene>_<clip>")
+        return [check_name(c, f"a test clip folder of {folder}") for c in found]
+
     def _test_clip(self, root: Path, clip: str
                    ) -> tuple[list[Path], np.ndarray, Path]:
-        frames = sorted(list_images(root / "testing" / "frames" / clip), key=_frame_key)
+        frames = sorted(list_images(root / "testing" / "frames" / clip, "test frames"),
+                        key=_frame_key)
         label_path = root / "testing" / "test_frame_mask" / f"{clip}.npy"
         pixel_path = root / "testing" / "test_pixel_mask" / f"{clip}.npy"
         for p in (label_path, pixel_path):

@@ -1,9 +1,12 @@
 """Dataset layouts read from tiny fixtures: records, labels, mask pairing and error messages."""
 
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from fixtures import write_broken_symlinks, write_stc
 
 from anomaly_bench.data import (
     LAYOUTS,
@@ -13,6 +16,7 @@ from anomaly_bench.data import (
     resolve_categories,
     resolve_root,
 )
+from anomaly_bench.data.loading import read_image
 from anomaly_bench.data.mvtec import MVTecLikeLayout
 from anomaly_bench.errors import ConfigError, DataError
 
@@ -204,3 +208,165 @@ def test_synthetic_layout_reads_the_mvtec_tree(tmp_path):
     split = layout.split(root, "rotated_part")
     assert split.has_masks and len(split.train) == 1 and len(split.test) == 4
     assert isinstance(split.test[0].image_path, Path)
+
+
+# ---------------------------------------------------------------------- symlinks
+def _symlink_warnings(caplog, folder):
+    return [r for r in caplog.records if r.name == "anomaly_bench"
+            and r.levelno == logging.WARNING and r.getMessage().startswith(f"{folder}:")]
+
+
+def test_broken_image_symlinks_are_skipped_with_their_count(make_dataset, caplog):
+    root = make_dataset("mvtec", categories=("bottle",))
+    train = root / "bottle" / "train" / "good"
+    dangling, _ = write_broken_symlinks(train)
+    (train / "003.png").symlink_to(train / "000.png")  # a link to a real image still counts
+    with caplog.at_level(logging.WARNING, logger="anomaly_bench"):
+        split = get_layout("mvtec").split(root, "bottle")
+    names = [r.image_path.name for r in split.train]
+    assert names == ["000.png", "001.png", "002.png", "003.png"]
+    assert read_image(train / "003.png").size == (32, 32)
+    warned = _symlink_warnings(caplog, train)
+    assert len(warned) == 1
+    assert warned[0].getMessage() == (
+        f"{train}: 2 dangling or looping symlinks skipped (e.g. {dangling})")
+    assert not _symlink_warnings(caplog, root / "bottle" / "test" / "good")
+
+
+def test_looping_mask_symlinks_are_reported(make_dataset, caplog):
+    root = make_dataset("mvtec", categories=("bottle",))
+    masks = root / "bottle" / "ground_truth" / "crack"
+    first, _ = write_broken_symlinks(masks, pair=True)
+    with caplog.at_level(logging.WARNING, logger="anomaly_bench"):
+        split = get_layout("mvtec").split(root, "bottle")
+    assert all("loop" not in r.mask_path.name for r in split.test if r.mask_path)
+    [warned] = _symlink_warnings(caplog, masks)
+    assert "2 dangling or looping symlinks skipped" in warned.getMessage()
+    assert str(first) in warned.getMessage()
+
+
+# ---------------------------------------------------------------------- unreadable folders
+def _deny_listing(monkeypatch, denied: Path) -> None:
+    """Make ``Path.iterdir`` fail with PermissionError for ``denied`` only."""
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+
+def test_unreadable_image_folder_is_a_data_error(make_dataset, monkeypatch):
+    root = make_dataset("mvtec", categories=("bottle",))
+    train = root / "bottle" / "train" / "good"
+    _deny_listing(monkeypatch, train)
+    with pytest.raises(DataError) as err:
+        get_layout("mvtec").split(root, "bottle")
+    msg = str(err.value)
+    assert msg.startswith(f"Cannot read the folder {train}: Permission denied.")
+    assert "normal training images" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("where", ["root", "test", "masks"])
+def test_unreadable_folders_of_the_tree(make_dataset, monkeypatch, where):
+    root = make_dataset("mvtec", categories=("bottle",))
+    denied = {"root": root, "test": root / "bottle" / "test",
+              "masks": root / "bottle" / "ground_truth" / "hole"}[where]
+    _deny_listing(monkeypatch, denied)
+    with pytest.raises(DataError, match=f"Cannot read the folder {denied}: Permission denied"):
+        if where == "root":
+            resolve_categories(get_layout("mvtec"), root, "all")
+        else:
+            get_layout("mvtec").split(root, "bottle")
+
+
+def test_uninspectable_folder_of_the_tree_is_a_data_error(make_dataset, monkeypatch):
+    root = make_dataset("mvtec", categories=("bottle",))
+    gt = root / "bottle" / "ground_truth"
+    real = Path.is_dir
+
+    def is_dir(self):
+        if self == gt:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    with pytest.raises(DataError) as err:
+        get_layout("mvtec").split(root, "bottle")
+    assert str(err.value).startswith(
+        f"Cannot read the folder {root / 'bottle'}: Permission denied ({gt}).")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_chmod_000_folder_is_a_data_error(make_dataset):
+    root = make_dataset("mvtec", categories=("bottle",))
+    train = root / "bottle" / "train" / "good"
+    train.chmod(0)
+    try:
+        with pytest.raises(DataError, match=f"Cannot read the folder {train}"):
+            get_layout("mvtec").split(root, "bottle")
+    finally:
+        train.chmod(0o755)
+
+
+# ---------------------------------------------------------------------- category names
+@pytest.mark.parametrize("bad", ["../../x", "/abs/path", "a/b", "..", ".", "a\\b"])
+@pytest.mark.parametrize("layout_name", ["folder", "mvtec"])
+def test_category_names_that_are_not_plain_are_refused(make_dataset, bad, layout_name):
+    root = make_dataset(layout_name)
+    with pytest.raises(ConfigError, match=r"dataset\.category="):
+        resolve_categories(get_layout(layout_name), root, bad)
+    with pytest.raises(ConfigError, match=r"dataset\.category="):
+        resolve_categories(get_layout(layout_name), root, ["bottle", bad])
+    with pytest.raises(ConfigError, match=r"dataset\.category="):
+        get_layout(layout_name).split(root, bad)
+
+
+def test_plain_category_names_still_work(make_dataset):
+    root = make_dataset("folder")
+    assert resolve_categories(get_layout("folder"), root, "widgets") == ["widgets"]
+    assert resolve_categories(get_layout("folder"), root, "all") == ["folder"]
+    assert resolve_categories(get_layout("folder"), root / "test" / "..", "all") == ["folder"]
+
+
+class _Stub:
+    name = "stub"
+
+    def __init__(self, found):
+        self.found = found
+        self.listed = 0
+
+    def categories(self, root):
+        self.listed += 1
+        return list(self.found)
+
+    def split(self, root, category):
+        raise AssertionError("not reached")
+
+
+def test_requested_names_are_checked_before_the_layout_lists(tmp_path):
+    stub = _Stub(["ok"])
+    with pytest.raises(ConfigError, match=r"dataset\.category='\.\./x'"):
+        resolve_categories(stub, tmp_path, "../x")
+    assert stub.listed == 0
+    assert resolve_categories(stub, tmp_path, "ok") == ["ok"] and stub.listed == 1
+
+
+@pytest.mark.parametrize("found", ["..", "a/b", ""])
+def test_category_names_found_by_a_layout_are_checked(tmp_path, found):
+    with pytest.raises(ConfigError, match=f"found under {tmp_path}"):
+        resolve_categories(_Stub(["ok", found]), tmp_path, "all")
+
+
+def test_stc_clip_names_become_subsets_only_when_plain(tmp_path, monkeypatch):
+    import anomaly_bench.data.stc as stc
+
+    root = write_stc(tmp_path / "stc", scenes=("01",))
+    with pytest.raises(ConfigError, match=r"dataset\.category="):
+        get_layout("stc").split(root, "../01")
+    real = stc.list_subdirs
+    monkeypatch.setattr(stc, "list_subdirs", lambda folder, what="": [*real(folder, what), ".."])
+    with pytest.raises(ConfigError, match="test clip folder"):
+        get_layout("stc").split(root, "01")

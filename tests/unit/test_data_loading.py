@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from fixtures import write_image, write_mask
+from fixtures import write_gray16, write_image, write_mask
 from PIL import Image
 
 from anomaly_bench.data import (
@@ -15,6 +15,7 @@ from anomaly_bench.data import (
     get_layout,
     make_loader,
 )
+from anomaly_bench.data.loading import read_image
 from anomaly_bench.errors import ConfigError, DataError
 from anomaly_bench.types import Batch, SampleRecord
 
@@ -79,6 +80,45 @@ def test_sixteen_bit_grayscale_is_scaled(tmp_path):
     Image.fromarray(arr).save(tmp_path / "w.png")
     x = RecordDataset([SampleRecord(tmp_path / "w.png", 0)], Preprocess(None, None))[0]["image"]
     assert torch.allclose(x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], torch.ones(4, 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_dark_sixteen_bit_image_is_scaled_by_bit_depth(tmp_path, ext):
+    arr = np.zeros((4, 4), np.uint16)
+    arr[0, 0], arr[1, 1] = 1000, 500
+    path = write_gray16(tmp_path / f"dark{ext}", arr)
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I")  # Pillow 10+: I;16; older: I
+    rgb = np.asarray(read_image(path))
+    assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [4, 4, 4]  # round(1000 * 255 / 65535), not 255
+    assert rgb[1, 1].tolist() == [2, 2, 2] and rgb[2, 2].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dark_max", [250, 1000])
+def test_same_sixteen_bit_value_gives_the_same_eight_bit_value(tmp_path, dark_max):
+    dark = np.full((4, 4), 200, np.uint16)
+    bright = np.full((4, 4), 200, np.uint16)
+    dark[0, 0], bright[0, 0] = dark_max, 60000
+    a = np.asarray(read_image(write_gray16(tmp_path / "a.png", dark)))
+    b = np.asarray(read_image(write_gray16(tmp_path / "b.png", bright)))
+    assert a[1, 1, 0] == b[1, 1, 0] == 1  # round(200 * 255 / 65535)
+    assert a[0, 0, 0] == round(dark_max * 255 / 65535) and b[0, 0, 0] == 233
+
+
+def test_mode_i_and_float_images_use_fixed_scales():
+    pre = Preprocess(None, None)
+
+    def eight_bit(im):
+        x = pre.image(im)[0]
+        return torch.round((x * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255).int().tolist()
+
+    as_i = Image.fromarray(np.array([[0, 1000, 65535, 70000]], np.int32))
+    assert as_i.mode == "I"
+    assert eight_bit(as_i) == [[0, 4, 255, 255]]
+    as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0, -1.0, np.nan]], np.float32))
+    assert as_f.mode == "F"
+    assert eight_bit(as_f) == [[0, 128, 255, 255, 0, 0]]
 
 
 def test_loader_yields_batches_with_masks(make_dataset):
