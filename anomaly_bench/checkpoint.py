@@ -1,4 +1,12 @@
-"""model.pt: a fitted method plus the config needed to rebuild it.
+"""model.pt: a fitted method, what it was fitted on, and a checksum of both.
+
+A checkpoint is data, never code: it holds only tensors, numbers, strings and
+containers, and is read with ``torch.load(weights_only=True)``, which refuses any other
+pickled object (a crafted file cannot run a command). A SHA-256 over the description
+and every tensor's name, dtype, shape and bytes is verified on load, so a damaged file
+is an error instead of silently different scores. The description records the method,
+backbone, weights, layers, resolution, dataset and category; ``stage=test`` refuses a
+checkpoint whose description differs from the requested run, naming both values.
 
 The file stores the complete ``state_dict`` (backbone included), so ``stage=test`` needs
 neither the network nor the original weights file and reproduces the scores exactly.
@@ -6,41 +14,50 @@ neither the network nor the original weights file and reproduces the scores exac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from anomaly_bench.errors import CheckpointError
+from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.methods import AnomalyMethod, build_method, load_fitted_state
 
-FORMAT = "anomaly-bench/1"
+FORMAT = "anomaly-bench/2"
 #: Config groups that define a fitted model; ``stage=test`` rebuilds from these.
 MODEL_KEYS = ("method", "backbone", "layers", "resolution", "alignment")
+#: What a checkpoint says it was fitted on (besides the config groups).
+META_KEYS = ("method", "backbone", "weights", "layers", "resolution", "dataset", "category",
+             "seed")
+#: Backbone keys that change no value a method computes (where features are cached, ...).
+_NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights")
 
 
-def save(path: Path, method: AnomalyMethod, config: dict[str, Any], category: str,
-         seed: int) -> Path:
-    """Write the checkpoint atomically (temp file + rename in the same folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": FORMAT,
-        "category": category,
-        "seed": seed,
-        "weights_tag": method.weights_tag,
-        "config": {k: config[k] for k in MODEL_KEYS},
-        "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()},
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def checksum(meta: Mapping[str, Any], config: Mapping[str, Any],
+             state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the description and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps([FORMAT, meta, config], sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
+         meta: Mapping[str, Any]) -> Path:
+    """Write the checkpoint atomically; ``meta`` holds every :data:`META_KEYS` entry."""
+    state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+    meta = {k: meta[k] for k in META_KEYS}
+    config = {k: config[k] for k in MODEL_KEYS}
+    payload = {"format": FORMAT, "meta": meta, "config": config, "state_dict": state,
+               "checksum": checksum(meta, config, state)}
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 
@@ -71,26 +88,89 @@ def locate(checkpoint: str | os.PathLike | None, category: str, n_categories: in
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save` (on the CPU)."""
+    """Read and verify a checkpoint written by :func:`save` (on the CPU).
+
+    CheckpointError when the file cannot be read as plain data, is of another format,
+    misses an entry, or its checksum does not match its content.
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint={path} cannot be read ({type(exc).__name__}: {exc}); expected a "
-            "model.pt written by anomaly-bench stage=train."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            f"checkpoint={path} cannot be read as an anomaly-bench model ({first}); it is "
+            "corrupt, truncated, or holds objects other than tensors, numbers and strings "
+            "(which are never loaded). Expected a model.pt written by stage=train."
+        ) from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != FORMAT:
         raise CheckpointError(
-            f"checkpoint={path} is not an anomaly-bench model (format {FORMAT} expected)."
+            f"checkpoint={path} has format {fmt!r}, expected {FORMAT!r}: it was not written "
+            "by this version of anomaly-bench stage=train; fit the model again."
+        )
+    missing = [k for k in ("meta", "config", "state_dict", "checksum") if k not in payload]
+    meta, config, state = (payload.get(k) for k in ("meta", "config", "state_dict"))
+    if not missing:
+        missing += [f"meta.{k}" for k in META_KEYS if k not in (meta or {})]
+        missing += [f"config.{k}" for k in MODEL_KEYS if k not in (config or {})]
+    if missing or not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(
+            f"checkpoint={path} is incomplete (missing or malformed: "
+            f"{', '.join(missing) or 'state_dict'}); fit the model again with stage=train."
+        )
+    if checksum(meta, config, state) != payload["checksum"]:
+        raise CheckpointError(
+            f"checkpoint={path} is corrupt: its content does not match the checksum written "
+            "with it (the file was modified or damaged); fit the model again with stage=train."
         )
     return payload
 
 
-def restore(payload: dict[str, Any], source: Path) -> AnomalyMethod:
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, Any],
+                  wanted: Mapping[str, Any], allow_other_category: bool) -> None:
+    """CheckpointError naming both values when the checkpoint was fitted on another setting.
+
+    ``config`` are the requested :data:`MODEL_KEYS` groups; ``wanted`` the requested
+    ``weights``, ``dataset`` and ``category``. Keys that change no computed value (the
+    feature cache, ...) are not compared; the backbone's weights are compared by tag.
+    """
+    def neutral(key: str) -> bool:
+        group, _, leaf = key.partition(".")
+        return group == "backbone" and leaf.split(".")[0] in _NEUTRAL_BACKBONE_KEYS
+
+    have = {k: v for k, v in _flat(payload["config"]).items() if not neutral(k)}
+    want = {k: v for k, v in _flat({k: config[k] for k in MODEL_KEYS}).items() if not neutral(k)}
+    pairs = [(k, have.get(k), want.get(k)) for k in sorted(set(have) | set(want))]
+    pairs += [(k, payload["meta"][k], wanted[k]) for k in ("weights", "dataset", "category")
+              if not (k == "category" and allow_other_category)]
+    for key, old, new in pairs:
+        if old != new:
+            hint = (" (or allow_other_category=true to test it on another category)"
+                    if key == "category" else "")
+            raise CheckpointError(
+                f"checkpoint={path} was fitted with {key}={old!r} but this run asks for "
+                f"{key}={new!r}; run stage=test with the settings it was fitted with{hint}, "
+                "or fit a new model."
+            )
+
+
+def restore(payload: Mapping[str, Any], source: Path) -> AnomalyMethod:
     """Rebuild the method from the checkpoint's own config and load its fitted state."""
     cfg = payload["config"]
-    # the network's weights come from the file, loaded into a private (unshared) instance
-    backbone = dict(cfg["backbone"], pretrained=False, weights=None, shared=False)
-    method = build_method(cfg["method"], backbone, cfg["layers"], int(payload["seed"]))
+    # the network's weights come from the file, loaded into a private (unshared) instance;
+    # no feature cache: its entries are keyed by the weights the network was built with
+    backbone = dict(cfg["backbone"], pretrained=False, weights=None, shared=False, cache=None)
+    method = build_method(cfg["method"], backbone, cfg["layers"], int(payload["meta"]["seed"]))
     load_fitted_state(method, payload["state_dict"], str(source))
     return method

@@ -2,6 +2,8 @@
 
 Errors caused by input (paths, layouts, config values, weights) are printed as one
 paragraph with exit code 2 and no traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+Ctrl-C stops with one line (exit 130); the rows already written stay, and running the
+same command into the same run directory resumes.
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ def _task(cfg: DictConfig) -> None:
     from anomaly_bench.runner import Runner
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        Runner(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task),
-               sweep=hc.mode == RunMode.MULTIRUN).run()
+        Runner(cfg, run_dir, list(hc.overrides.task), sweep=hc.mode == RunMode.MULTIRUN).run()
     except AnomalyBenchError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", exc)
         print(f"anomaly-bench: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"anomaly-bench: interrupted; finished categories are in {run_dir}/results.csv, "
+              f"and the same command with hydra.run.dir={run_dir} resumes.", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ The runner only talks to the generic interfaces: a dataset layout, an
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -19,28 +21,34 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from anomaly_bench import checkpoint
+from anomaly_bench.backbones.weights import weights_tag
 from anomaly_bench.data import (
     Preprocess,
     denormalize,
     ensure_synthetic,
     get_layout,
+    image_sizes,
     make_loader,
     resolve_categories,
     resolve_root,
 )
-from anomaly_bench.errors import ConfigError
+from anomaly_bench.errors import ConfigError, DataError
+from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.memo import MEMO, file_stamp
-from anomaly_bench.methods import AnomalyMethod, build_method
+from anomaly_bench.methods import AnomalyMethod, build_method, method_schema
 from anomaly_bench.metrics import compute_metrics
+from anomaly_bench.paths import check_name, inside
 from anomaly_bench.report import plots
-from anomaly_bench.report.results import completed_categories, write_row
+from anomaly_bench.report.results import completed_categories, format_value, write_row
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
+from anomaly_bench.schema import validate
 from anomaly_bench.types import Batch, CategorySplit
 
 log = logging.getLogger("anomaly_bench")
-STAGES = ("train", "test", "train_test")
 #: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
 SWEEP_MEMO_GB = 4
+#: Per category: the resolved configuration its results.csv row stands for.
+JOB_CONFIG = "config.json"
 
 
 @dataclass
@@ -89,20 +97,20 @@ class Runner:
                  sweep: bool = False) -> None:
         """``sweep``: the job is one of a multirun (``memory_cache_gb=auto`` then keeps the
         in-process memo on; a single run gains nothing from it)."""
-        if cfg.stage not in STAGES:
-            raise ConfigError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}.")
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as exc:  # an interpolation that cannot be resolved
+            raise ConfigError(f"the configuration cannot be resolved: {exc}") from None
+        validate(plain, method_schema(str(cfg.method.name)))  # type: ignore[arg-type]
         self.cfg = cfg
+        self._weights: str | None = None
         self.run_dir = Path(run_dir)
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
         budget = cfg.get("memory_cache_gb", "auto")
         if budget == "auto":
             budget = SWEEP_MEMO_GB if sweep else 0
-        try:
-            MEMO.configure(int(float(budget) * 2**30))
-        except (TypeError, ValueError):
-            raise ConfigError(f"memory_cache_gb={budget!r} must be auto or a number of GiB "
-                              "(0 turns the in-process memo off).") from None
+        MEMO.configure(int(float(budget) * 2**30))  # validated: auto or GiB >= 0
         self.results_path = self.run_dir / "results.csv"
         self.transform: Any = None  # loader hook of the current category's alignment
 
@@ -118,32 +126,106 @@ class Runner:
         rows = []
         for category in categories:
             if category in done and cfg.stage != "train":
-                log.info("%s: already in %s, skipped (resume=true)", category, self.results_path)
+                self._check_resumable(category, root)
+                log.info("%s: already in %s with this configuration, skipped (resume=true)",
+                         category, self.results_path)
                 continue
             split = layout.split(root, category)
-            rows.append(self.run_category(split, len(categories)))
+            rows.append(self.run_category(split, len(categories), root))
+        if rows and cfg.stage != "train":
+            log.info("results: %s", self.results_path)
         return rows
 
-    def run_category(self, split: CategorySplit, n_categories: int) -> dict[str, Any]:
+    def job_config(self, root: Path, category: str) -> dict[str, Any]:
+        """The resolved configuration one results row stands for; resume compares it.
+
+        Everything that can change a computed value is in it (method, backbone and its
+        weights, layers, resolution, alignment, seed, dataset with its folder and
+        options, category, stage and the checkpoint file); what only changes how fast or
+        where (device, batch size, cache, plots) is not.
+        """
         cfg = self.cfg
+        model = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        for key in ("cache", "shared", "truncate"):
+            model["backbone"].pop(key, None)
+        dataset = {k: v for k, v in _plain(cfg, "dataset").items()
+                   if k not in ("category", "root", "dirnames")}
+        ckpt = None
+        if cfg.stage == "test" and cfg.checkpoint:
+            p = Path(str(cfg.checkpoint)).expanduser()
+            st = p.stat() if p.exists() else None
+            ckpt = [str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
+        return {**model, "weights": self.requested_weights(), "seed": int(cfg.seed),
+                "dataset": {**dataset, "root": str(Path(root).resolve())},
+                "category": category, "stage": str(cfg.stage), "checkpoint": ckpt}
+
+    def requested_weights(self) -> str:
+        """The weights tag the backbone config asks for (hashes a local weights file once)."""
+        if self._weights is None:
+            b = self.cfg.backbone
+            self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
+                                        b.get("weights"), int(self.cfg.seed))
+        return self._weights
+
+    def _check_resumable(self, category: str, root: Path) -> None:
+        """Allow skipping a finished category only when its row has this configuration."""
+        path = self.run_dir / category / JOB_CONFIG
+        wanted = self.job_config(root, category)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = None
+        diff = _first_difference(stored, wanted) if isinstance(stored, dict) else None
+        if stored is not None and diff is None:
+            return
+        what = (f"its configuration differs ({diff[0]}: {diff[1]!r} there, {diff[2]!r} now)"
+                if diff else f"its configuration is unknown ({path} is missing or unreadable)")
+        raise ConfigError(
+            f"{self.results_path} already holds a result for category {category} and "
+            f"{what}. resume=true only skips categories finished with the same configuration: "
+            "run into a new directory (the default outputs/<date>/<time>), or pass "
+            "resume=false to recompute that category and replace its row."
+        )
+
+    def run_category(self, split: CategorySplit, n_categories: int,
+                     root: Path | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        check_name(split.category, "dataset.category")
+        cat_dir = inside(self.run_dir, self.run_dir / split.category)
         seed_everything(int(cfg.seed))
         model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
-        weights_tag = None
         if cfg.stage == "test":
             ckpt = checkpoint.locate(cfg.checkpoint, split.category, n_categories)
             payload = checkpoint.load(ckpt)
+            checkpoint.check_matches(
+                payload, ckpt, model_cfg,
+                {"weights": self.requested_weights(), "dataset": split.dataset,
+                 "category": split.category},
+                bool(cfg.get("allow_other_category", False)))
             method = checkpoint.restore(payload, ckpt)
-            model_cfg, weights_tag = payload["config"], payload["weights_tag"]
-            log.info("%s: loaded %s", split.category, ckpt)
+            weights = payload["meta"]["weights"]
+            log.info("%s: loaded %s (fitted on %s/%s)", split.category, ckpt,
+                     payload["meta"]["dataset"], payload["meta"]["category"])
         else:
             method = build_method(model_cfg["method"], model_cfg["backbone"],
                                   model_cfg["layers"], int(cfg.seed))
+            weights = method.weights_tag
         method = method.to(self.device).eval()
-        weights_tag = weights_tag or method.weights_tag
         preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
                                 crop=model_cfg["resolution"].get("crop"))
+        self._check_sizes(method, split, preprocess)
         self.transform = self._alignment(model_cfg["alignment"], split)
-        cat_dir = self.run_dir / split.category
+        row: dict[str, Any] = {
+            "method": model_cfg["method"]["name"],
+            "backbone": model_cfg["backbone"]["name"],
+            "weights": weights,
+            "dataset": split.dataset,
+            "category": split.category,
+            "layers": method.layers_tag,
+            "resolution": resolution_tag(model_cfg["resolution"]),
+            "alignment": model_cfg["alignment"]["name"],
+            "seed": int(cfg.seed),
+        }
         train_time = Stopwatch(self.device)
         with PeakMemory(self.device) as peak:
             if cfg.stage != "test":
@@ -152,24 +234,15 @@ class Runner:
                     method.fit([] if method.zero_shot
                                else self._batches(split.train, preprocess, split, "fit"))
                 if self._save_model():
-                    path = checkpoint.save(cat_dir / "model.pt", method, model_cfg,
-                                           split.category, int(cfg.seed))
+                    path = checkpoint.save(inside(self.run_dir, cat_dir / "model.pt"), method,
+                                           model_cfg, {**row, "layers": method.layers_tag})
                     log.info("%s: model saved to %s", split.category, path)
             outputs, test_s = None, 0.0
             if cfg.stage != "train":
                 outputs, test_s = self._predict(method, split, preprocess)
         metrics = (compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
                    if outputs is not None else {})
-        row = {
-            "method": model_cfg["method"]["name"],
-            "backbone": model_cfg["backbone"]["name"],
-            "weights": weights_tag,
-            "dataset": split.dataset,
-            "category": split.category,
-            "layers": method.layers_tag,
-            "resolution": resolution_tag(model_cfg["resolution"]),
-            "alignment": model_cfg["alignment"]["name"],
-            "seed": int(cfg.seed),
+        row.update({
             **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
             "n_train": (0 if method.zero_shot else len(split.train))
             if cfg.stage != "test" else None,
@@ -181,16 +254,66 @@ class Runner:
             "peak_mem_mb": peak.peak_mb,
             "device": str(self.device),
             "overrides": self.overrides,
-        }
-        if outputs is not None:
-            self._write_scores(cat_dir, outputs)
-            if cfg.plots.enabled:
+        })
+        if outputs is None:
+            return row
+        self._save_results(cat_dir, outputs, row, root if root is not None else split.root)
+        log.info("%s: image AUROC %s, pixel AUROC %s, AUPRO %s, %.1f ms/image",
+                 split.category, _fmt(row["image_auroc"]), _fmt(row["pixel_auroc"]),
+                 _fmt(row["aupro"]), row["ms_per_image"])
+        if cfg.plots.enabled:  # optional: a failure costs the figures, never the results
+            try:
                 self._plots(cat_dir, outputs, split, preprocess, row)
-            write_row(self.results_path, row)
-            log.info("%s: image AUROC %s, pixel AUROC %s, AUPRO %s, %.1f ms/image",
-                     split.category, _fmt(row["image_auroc"]), _fmt(row["pixel_auroc"]),
-                     _fmt(row["aupro"]), row["ms_per_image"])
+            except Exception as exc:  # any plotting failure is only a warning
+                log.warning("%s: plots not written (%s: %s); results.csv and scores.csv were",
+                            split.category, type(exc).__name__, exc)
         return row
+
+    def _save_results(self, cat_dir: Path, outputs: Outputs, row: dict[str, Any],
+                      root: Path) -> None:
+        """scores.csv, the row's configuration, then the results.csv row; never lost silently.
+
+        When the run directory cannot take them, the error carries the row itself.
+        """
+        try:
+            self._write_scores(cat_dir, outputs)
+            with atomic_open(inside(self.run_dir, cat_dir / JOB_CONFIG), "w") as fh:
+                json.dump(self.job_config(root, row["category"]), fh, indent=1, sort_keys=True)
+            write_row(inside(self.run_dir, self.results_path), row)
+        except OSError as exc:
+            values = ", ".join(f"{k}={format_value(k, v)}" for k, v in row.items()
+                               if k != "overrides")
+            raise DataError(
+                f"cannot write the results of category {row['category']} into {cat_dir} or "
+                f"{self.results_path} ({exc}); make the run directory writable and run again. "
+                f"The computed row was: {values}."
+            ) from None
+
+    def _check_sizes(self, method: AnomalyMethod, split: CategorySplit,
+                     preprocess: Preprocess) -> None:
+        """At native resolution, refuse mixed image sizes a method or batch cannot take.
+
+        Read from the image headers before anything is fitted: a method that models each
+        position (``fixed_grid``) needs one grid for all images, and a batch stacks
+        images of one size.
+        """
+        if preprocess.size is not None or preprocess.crop is not None:
+            return  # every image is resized or cropped to one size
+        records = split.test if self.cfg.stage == "test" else split.train + split.test
+        sizes = image_sizes([r.image_path for r in records])
+        if len(sizes) < 2 or not (method.fixed_grid or int(self.cfg.batch_size) > 1):
+            return
+        listed = "; ".join(f"{w}x{h}: {len(p)} images (e.g. {p[0]})"
+                           for (w, h), p in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+        why = (f"{method.name} models every feature position, so all images need one size"
+               if method.fixed_grid else
+               f"batch_size={self.cfg.batch_size} stacks images of one size (batch_size=1 "
+               "would take them one by one)")
+        raise ConfigError(
+            f"resolution=native but the images of {split.dataset}/{split.category} have "
+            f"{len(sizes)} sizes ({listed}); {why}. Set resolution.size (e.g. resolution=r256 "
+            "or resolution=paper) so that they are resized to one size."
+        )
 
     def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
         """The loader hook rotating images and masks as the alignment decides, or None."""
@@ -216,9 +339,11 @@ class Runner:
             result = aligner.align_all(paths, desc=f"align {split.category}")
             if key is not None:
                 MEMO.put(key, result)
+        n_turned = sum(1 for k in result.rotations.values() if k % 4)
+        log.info("%s: alignment turned %d of %d images", split.category, n_turned, len(paths))
         if result.fallbacks:
             log.warning("%s: %d of %d images had too few ORB matches and were not rotated",
-                        split.category, len(result.fallbacks), len(split.train) + len(split.test))
+                        split.category, len(result.fallbacks), len(paths))
         return rotation_hook(result.rotations)
 
     def _save_model(self) -> bool:
@@ -263,19 +388,12 @@ class Runner:
     # ------------------------------------------------------------------ outputs
     def _write_scores(self, cat_dir: Path, out: Outputs) -> None:
         """Per-image scores (path, label, defect type, score) for later analysis."""
-        import csv
-        import os
-        import tempfile
-
-        cat_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cat_dir, prefix=".scores-", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as fh:
+        with atomic_open(inside(self.run_dir, cat_dir / "scores.csv"), "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "label", "defect_type", "score"])
             for p, lab, d, s in zip(out.paths, out.labels.tolist(), out.defect_types,
                                     out.scores.tolist(), strict=True):
                 w.writerow([p, lab, d, repr(float(s))])
-        os.replace(tmp, cat_dir / "scores.csv")
 
     def _plots(self, cat_dir: Path, out: Outputs, split: CategorySplit,
                preprocess: Preprocess, row: dict[str, Any]) -> None:
@@ -283,7 +401,7 @@ class Runner:
         scores = out.scores.float().cpu().numpy()
         labels = out.labels.cpu().numpy()
         title = f"{row['method']} · {split.dataset}/{split.category}"
-        pdir = cat_dir / "plots"
+        pdir = inside(self.run_dir, cat_dir / "plots")
         plots.plot_roc(pdir / "roc.png", scores, labels, title)
         plots.plot_score_histogram(pdir / "score_hist.png", scores, labels, title)
         plots.plot_score_scatter(pdir / "score_scatter.png", scores, labels, title)
@@ -318,6 +436,18 @@ def _overlay_selection(labels: np.ndarray, k: int) -> np.ndarray:
     take = [a[np.linspace(0, len(a) - 1, n).round().astype(int)] if n else a[:0]
             for a, n in ((anomalous, n_anom), (normal, n_norm))]
     return np.concatenate(take)
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first place where two JSON trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            if diff is not None:
+                return diff
+        return None
+    # JSON turns tuples into lists: compare both as JSON would store them
+    return None if json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) else (key, a, b)
 
 
 def _fmt(v: float | None) -> str:

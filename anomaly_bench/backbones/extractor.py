@@ -19,12 +19,11 @@ from torch import nn
 
 from anomaly_bench.backbones.cache import FeatureCache, image_key
 from anomaly_bench.backbones.weights import (
-    file_tag,
     hub_access,
     load_into,
     offline_message,
-    random_tag,
     read_state_dict,
+    weights_tag,
 )
 from anomaly_bench.errors import ConfigError, WeightsError
 
@@ -80,7 +79,7 @@ def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights:
         state = read_state_dict(weights)
         model = timm.create_model(full, pretrained=False, **kwargs)
         load_into(model, state, f"backbone.weights={weights}")
-        return model, file_tag(Path(weights).expanduser())
+        return model, weights_tag(name, hub_tag, pretrained, weights, seed)
     if pretrained:
         cfg = timm.models.get_pretrained_cfg(full)
         if cfg is None:
@@ -93,11 +92,11 @@ def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights:
                 model = timm.create_model(full, pretrained=True, **kwargs)
             except Exception as exc:
                 raise WeightsError(offline_message(full, f"{type(exc).__name__}: {exc}")) from exc
-        return model, f"timm:{full}"
+        return model, weights_tag(name, hub_tag, pretrained, None, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(full, pretrained=False, **kwargs)
-    return model, random_tag(seed)
+    return model, weights_tag(name, hub_tag, False, None, seed)
 
 
 def resolve_selection(stage_sizes: Mapping[str, int], layers: Mapping[str, int | None],

@@ -38,6 +38,20 @@ def file_tag(path: Path) -> str:
     return f"file:{path.name}#{digest.hexdigest()[:12]}"
 
 
+def weights_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
+                seed: int) -> str:
+    """The tag of the weights a backbone config asks for, without loading them.
+
+    ``file:<name>#<sha256 start>`` for a local file (it wins), ``timm:<name>.<hub tag>``
+    for hub weights, ``random(seed=N)`` for a seeded random initialisation.
+    """
+    if weights:
+        return file_tag(Path(weights).expanduser())
+    if pretrained:
+        return f"timm:{name}.{hub_tag}" if hub_tag else f"timm:{name}"
+    return random_tag(seed)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors``, ``.pt``/``.pth``/``.bin`` (timm or torchvision).
 

@@ -7,6 +7,7 @@ from .loading import (
     RecordDataset,
     collate,
     denormalize,
+    image_sizes,
     make_loader,
 )
 from .registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "denormalize",
     "ensure_synthetic",
     "get_layout",
+    "image_sizes",
     "make_loader",
     "register_layout",
     "resolve_categories",

@@ -101,6 +101,23 @@ def read_mask(path: str | Path, image_size: tuple[int, int], image_path: str | P
     return Image.fromarray(binary.astype(np.uint8) * 255)
 
 
+def image_sizes(paths: Sequence[str | Path]) -> dict[tuple[int, int], list[Path]]:
+    """``{(W, H): paths}`` read from the image headers only (no pixel is decoded)."""
+    out: dict[tuple[int, int], list[Path]] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                size = (int(im.size[0]), int(im.size[1]))
+        except FileNotFoundError:
+            raise DataError(f"Image {path} does not exist (it was listed by the dataset).") \
+                from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"Cannot read the header of image {path}: {exc}. Expected a "
+                            "PNG/JPEG/BMP/TIFF file.") from None
+        out.setdefault(size, []).append(Path(path))
+    return out
+
+
 # ---------------------------------------------------------------------- preprocessing
 @dataclass(frozen=True)
 class Preprocess:

@@ -1,5 +1,11 @@
 """Anomaly detection methods behind one interface (see :mod:`anomaly_bench.methods.base`)."""
 
-from anomaly_bench.methods.base import AnomalyMethod, available, build_method, load_fitted_state
+from anomaly_bench.methods.base import (
+    AnomalyMethod,
+    available,
+    build_method,
+    load_fitted_state,
+    method_schema,
+)
 
-__all__ = ["AnomalyMethod", "available", "build_method", "load_fitted_state"]
+__all__ = ["AnomalyMethod", "available", "build_method", "load_fitted_state", "method_schema"]

@@ -16,11 +16,19 @@ import torch
 from torch import nn
 
 from anomaly_bench.errors import CheckpointError, ConfigError
+from anomaly_bench.schema import Key, Schema
 from anomaly_bench.types import Batch, Prediction
 
 Config = Mapping[str, Any]
 MethodFactory = Callable[[Config, Config, Config, int], "AnomalyMethod"]
 _REGISTRY: dict[str, MethodFactory] = {}
+_SCHEMAS: dict[str, Schema] = {}
+#: Keys every method group has: the paper's preprocessing (``resolution=paper`` reads them).
+COMMON_KEYS: dict[str, Key] = {
+    "blur_sigma": Key(float, lo=0),
+    "input_size": Key(int, lo=1, null=True),
+    "input_crop": Key(int, lo=1, null=True),
+}
 
 
 class AnomalyMethod(nn.Module, ABC):
@@ -29,6 +37,9 @@ class AnomalyMethod(nn.Module, ABC):
     name: str = ""
     #: True when the method needs no training images (zero-shot); the runner skips fit data.
     zero_shot: bool = False
+    #: True when the method models each feature position (PaDiM): every image of a
+    #: category must then give the same feature grid.
+    fixed_grid: bool = False
 
     @abstractmethod
     def fit(self, batches: Iterable[Batch]) -> None:
@@ -51,14 +62,27 @@ class AnomalyMethod(nn.Module, ABC):
         return getattr(extractor, "tag", "")
 
 
-def register(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator registering ``factory(method_cfg, backbone_cfg, layers_cfg, seed)``."""
+def register(name: str, schema: Schema) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator registering ``factory(method_cfg, backbone_cfg, layers_cfg, seed)``.
+
+    ``schema`` declares the method's own keys of the ``method`` group (types and ranges,
+    see :mod:`anomaly_bench.schema`); :data:`COMMON_KEYS` are added to it.
+    """
 
     def deco(factory: MethodFactory) -> MethodFactory:
         _REGISTRY[name] = factory
+        _SCHEMAS[name] = {**COMMON_KEYS, **schema}
         return factory
 
     return deco
+
+
+def method_schema(name: str) -> Schema:
+    """The declared keys of method ``name``; ConfigError listing the methods when unknown."""
+    _import_all()
+    if name not in _SCHEMAS:
+        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
+    return _SCHEMAS[name]
 
 
 def available() -> list[str]:

@@ -40,6 +40,7 @@ from anomaly_bench.ops.gaussian import (
     mahalanobis,
     whitening,
 )
+from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch, Prediction
 
 #: Channel counts kept by the paper per backbone; others keep at most this many.
@@ -49,6 +50,7 @@ DEFAULT_MAX_DIM = 550
 
 class Padim(AnomalyMethod):
     name = "padim"
+    fixed_grid = True
 
     def __init__(self, extractor: torch.nn.Module, n_features: int | None, reg: float = 0.01,
                  blur_sigma: float = 4.0, seed: int = 0, solver: str = "auto") -> None:
@@ -196,7 +198,14 @@ class Padim(AnomalyMethod):
         return Prediction(image_scores=scores, anomaly_maps=maps)
 
 
-@register("padim")
+SCHEMA = {
+    "n_features": Key(int, lo=1, null=True),
+    "reg": Key(float, above=0),
+    "solver": one_of("auto", "full", "lowrank"),
+}
+
+
+@register("padim", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Padim:
     extractor = build_extractor(backbone_cfg, layers_cfg, seed)

@@ -30,6 +30,7 @@ from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import build_extractor, to_image_maps
 from anomaly_bench.ops.coreset import coreset_size, greedy_coreset
 from anomaly_bench.ops.knn import KnnIndex
+from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch, Prediction
 
 
@@ -234,7 +235,19 @@ class PatchCore(AnomalyMethod):
         return Prediction(image_scores=scores, anomaly_maps=maps)
 
 
-@register("patchcore")
+SCHEMA = {
+    "coreset_ratio": Key(float, above=0, hi=1),
+    "projection_dim": Key(int, lo=0, null=True),
+    "n_starts": Key(int, lo=1),
+    "patch_size": Key(int, lo=1),
+    "pretrain_dim": Key(int, lo=1),
+    "embed_dim": Key(int, lo=1),
+    "num_neighbors": Key(int, lo=1),
+    "knn_backend": one_of("torch", "faiss", "auto"),
+}
+
+
+@register("patchcore", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> PatchCore:
     proj = method_cfg.get("projection_dim", 128)

@@ -22,6 +22,7 @@ from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.ops.blur import gaussian_blur
 from anomaly_bench.ops.knn import knn
+from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch, Prediction
 
 
@@ -104,7 +105,15 @@ class Spade(AnomalyMethod):
         return Prediction(image_scores=scores, anomaly_maps=anomaly_maps)
 
 
-@register("spade")
+SCHEMA = {
+    "k": Key(int, lo=1),
+    "kappa": Key(int, lo=1),
+    "global_layer": one_of("layer1", "layer2", "layer3", "layer4"),
+    "pixel_layers": Key("names", null=True),
+}
+
+
+@register("spade", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Spade:
     pixel = method_cfg.get("pixel_layers")

@@ -30,6 +30,7 @@ from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.ops.blur import gaussian_blur
 from anomaly_bench.ops.knn import knn, self_knn_mean
+from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch, Prediction
 
 MODES = ("zero_shot", "many_shot")
@@ -123,7 +124,16 @@ class TextureKnn(AnomalyMethod):
         return Prediction(image_scores=image_scores, anomaly_maps=maps)
 
 
-@register("texture_knn")
+SCHEMA = {
+    "mode": one_of(*MODES),
+    "k": Key(int, lo=1),
+    "pool": Key(int, lo=1),
+    "border": Key(int, lo=0),
+    "impl": one_of(*IMPLS),
+}
+
+
+@register("texture_knn", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> TextureKnn:
     return TextureKnn(

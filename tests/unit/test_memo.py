@@ -107,21 +107,19 @@ def test_values_on_an_accelerator_are_not_kept():
 @pytest.mark.parametrize(("value", "sweep", "gib"), [("auto", True, 4), ("auto", False, 0),
                                                       (1.5, False, 1.5), (0, True, 0)])
 def test_runner_sets_the_budget_from_memory_cache_gb(tmp_path, value, sweep, gib):
-    from omegaconf import OmegaConf
+    from fixtures import compose_config
 
     from anomaly_bench.runner import Runner
 
-    cfg = OmegaConf.create({"stage": "train_test", "device": "cpu", "memory_cache_gb": value})
-    Runner(cfg, tmp_path, sweep=sweep)
+    Runner(compose_config(["device=cpu", f"memory_cache_gb={value}"]), tmp_path, sweep=sweep)
     assert MEMO.budget == int(gib * 2**30)
 
 
 def test_runner_rejects_a_bad_budget(tmp_path):
-    from omegaconf import OmegaConf
+    from fixtures import compose_config
 
     from anomaly_bench.errors import ConfigError
     from anomaly_bench.runner import Runner
 
-    cfg = OmegaConf.create({"stage": "train_test", "device": "cpu", "memory_cache_gb": "lots"})
-    with pytest.raises(ConfigError, match="memory_cache_gb"):
-        Runner(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="memory_cache_gb='lots'"):
+        Runner(compose_config(["device=cpu", "memory_cache_gb=lots"]), tmp_path)
