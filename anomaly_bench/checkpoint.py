@@ -26,6 +26,7 @@ import torch
 from anomaly_bench.errors import CheckpointError
 from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.methods import AnomalyMethod, build_method, load_fitted_state
+from anomaly_bench.schema import differences
 
 FORMAT = "anomaly-bench/2"
 #: Config groups that define a fitted model; ``stage=test`` rebuilds from these.
@@ -127,16 +128,6 @@ def load(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, Any],
                   wanted: Mapping[str, Any], allow_other_category: bool) -> None:
     """CheckpointError naming both values when the checkpoint was fitted on another setting.
@@ -145,24 +136,24 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
     ``weights``, ``dataset`` and ``category``. Keys that change no computed value (the
     feature cache, ...) are not compared; the backbone's weights are compared by tag.
     """
-    def neutral(key: str) -> bool:
-        group, _, leaf = key.partition(".")
-        return group == "backbone" and leaf.split(".")[0] in _NEUTRAL_BACKBONE_KEYS
+    def model(groups: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        backbone = {k: v for k, v in groups["backbone"].items()
+                    if k not in _NEUTRAL_BACKBONE_KEYS}
+        keys = ("weights", "dataset") + (() if allow_other_category else ("category",))
+        return {**{k: groups[k] for k in MODEL_KEYS}, "backbone": backbone,
+                **{k: meta[k] for k in keys}}
 
-    have = {k: v for k, v in _flat(payload["config"]).items() if not neutral(k)}
-    want = {k: v for k, v in _flat({k: config[k] for k in MODEL_KEYS}).items() if not neutral(k)}
-    pairs = [(k, have.get(k), want.get(k)) for k in sorted(set(have) | set(want))]
-    pairs += [(k, payload["meta"][k], wanted[k]) for k in ("weights", "dataset", "category")
-              if not (k == "category" and allow_other_category)]
-    for key, old, new in pairs:
-        if old != new:
-            hint = (" (or allow_other_category=true to test it on another category)"
-                    if key == "category" else "")
-            raise CheckpointError(
-                f"checkpoint={path} was fitted with {key}={old!r} but this run asks for "
-                f"{key}={new!r}; run stage=test with the settings it was fitted with{hint}, "
-                "or fit a new model."
-            )
+    diff = differences(model(payload["config"], payload["meta"]), model(config, wanted))
+    if diff:
+        shown = diff[:4]
+        more = f" ({len(diff) - 4} more differences)" if len(diff) > 4 else ""
+        hint = (" (or allow_other_category=true to test it on another category)"
+                if any(k == "category" for k, _, _ in diff) else "")
+        raise CheckpointError(
+            f"checkpoint={path} was fitted with {', '.join(f'{k}={a!r}' for k, a, _ in shown)} "
+            f"but this run asks for {', '.join(f'{k}={b!r}' for k, _, b in shown)}{more}; run "
+            f"stage=test with the settings it was fitted with{hint}, or fit a new model."
+        )
 
 
 def restore(payload: Mapping[str, Any], source: Path) -> AnomalyMethod:

@@ -41,7 +41,7 @@ from anomaly_bench.paths import check_name, inside
 from anomaly_bench.report import plots
 from anomaly_bench.report.results import completed_categories, format_value, write_row
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
-from anomaly_bench.schema import validate
+from anomaly_bench.schema import differences, validate
 from anomaly_bench.types import Batch, CategorySplit
 
 log = logging.getLogger("anomaly_bench")
@@ -175,10 +175,12 @@ class Runner:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
-        diff = _first_difference(stored, wanted) if isinstance(stored, dict) else None
-        if stored is not None and diff is None:
+        diff = differences(stored, wanted) if isinstance(stored, dict) else None
+        if diff == []:
             return
-        what = (f"its configuration differs ({diff[0]}: {diff[1]!r} there, {diff[2]!r} now)"
+        what = ("its configuration differs ("
+                + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:4])
+                + (f"; {len(diff) - 4} more" if len(diff) > 4 else "") + ")"
                 if diff else f"its configuration is unknown ({path} is missing or unreadable)")
         raise ConfigError(
             f"{self.results_path} already holds a result for category {category} and "
@@ -436,18 +438,6 @@ def _overlay_selection(labels: np.ndarray, k: int) -> np.ndarray:
     take = [a[np.linspace(0, len(a) - 1, n).round().astype(int)] if n else a[:0]
             for a, n in ((anomalous, n_anom), (normal, n_norm))]
     return np.concatenate(take)
-
-
-def _first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """(dotted key, a's value, b's value) of the first place where two JSON trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-            if diff is not None:
-                return diff
-        return None
-    # JSON turns tuples into lists: compare both as JSON would store them
-    return None if json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) else (key, a, b)
 
 
 def _fmt(v: float | None) -> str:

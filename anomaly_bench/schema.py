@@ -162,3 +162,34 @@ def validate(cfg: Mapping[str, Any], method_schema: Schema) -> None:
     if size is not None and crop is not None and crop > size:
         raise ConfigError(f"resolution.crop={crop} is larger than resolution.size={size}: "
                           "the centre crop must fit inside the resized image.")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested mapping."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+#: Keys named first when two configurations differ (what a reader recognises first).
+_LEADING = ("method.name", "backbone.name", "weights", "dataset", "dataset.name", "category",
+            "seed", "stage")
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, a's value, b's value)`` of every leaf where two configurations differ.
+
+    Leading keys (method and backbone name, weights, dataset, category, seed) come first,
+    then the rest in name order. Tuples equal lists, as they do once stored as JSON.
+    """
+    def norm(tree: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(tree).items()}
+
+    fa, fb = norm(a), norm(b)
+    keys = [k for k in _LEADING if k in fa or k in fb]
+    keys += sorted((set(fa) | set(fb)) - set(keys))
+    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]

@@ -173,6 +173,14 @@ class Padim(AnomalyMethod):
             b = parts[0][0].shape[0]
             shapes = [tuple(block.shape[-2:]) for block, _ in parts]
             h, w = shapes[0]
+            fitted = (self.mean.shape[1] if self.mean is not None
+                      else self.get_buffer(f"mean_{self.stages[0]}").shape[0])
+            if h * w != fitted:
+                raise ConfigError(
+                    f"PaDiM was fitted on a grid of {fitted} feature positions but images of "
+                    f"{tuple(batch.images.shape[-2:])} px give {h}x{w}: test images must have "
+                    "the size the model was fitted at (set resolution.size)."
+                )
             if self.inv_cov is not None:
                 levels = self._levels_of(parts)
                 dist = mahalanobis(self._concat(levels).flatten(2), self.mean, self.inv_cov)

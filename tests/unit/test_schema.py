@@ -1,0 +1,68 @@
+"""Every config value is checked before data is read: one message naming key, value and rule."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures import compose_config
+from omegaconf import OmegaConf
+
+from anomaly_bench.errors import ConfigError
+from anomaly_bench.methods import available, method_schema
+from anomaly_bench.runner import Runner
+from anomaly_bench.schema import validate
+
+
+def _validate(overrides: list[str]) -> None:
+    cfg = compose_config(overrides)
+    validate(OmegaConf.to_container(cfg, resolve=True), method_schema(cfg.method.name))
+
+
+@pytest.mark.parametrize("method", available())
+@pytest.mark.parametrize("extra", [[], ["resolution=native"], ["alignment=orb90"],
+                                   ["dataset=stc"], ["dataset=folder"]])
+def test_defaults_of_every_method_and_group_are_valid(method, extra):
+    _validate([f"method={method}", *extra])
+
+
+@pytest.mark.parametrize("experiment", ["padim_screw_layers", "padim_screw_layers_orb90",
+                                        "spade_stc", *[f"texture_v0{i}" for i in range(1, 7)]])
+def test_presets_are_valid(experiment):
+    overrides = [f"experiment={experiment}"]
+    if experiment.startswith("texture"):
+        overrides.append("method=texture_knn")
+    _validate(overrides)
+
+
+@pytest.mark.parametrize(("overrides", "needle", "rule"), [
+    (["resolution.size=abc"], "resolution.size='abc'", "an integer >= 1 or null"),
+    (["batch_size=abc"], "batch_size='abc'", "an integer >= 1"),
+    (["batch_size=0"], "batch_size=0", "an integer >= 1"),
+    (["seed=abc"], "seed='abc'", "an integer >= 0"),
+    (["method.n_features=10.5"], "method.n_features=10.5", "an integer >= 1 or null"),
+    (["method.reg=0"], "method.reg=0", "a number > 0"),
+    (["method.solver=exact"], "method.solver='exact'", "auto or full or lowrank"),
+    (["method=patchcore", "method.projection_dim=-5"], "method.projection_dim=-5",
+     "an integer >= 0 or null"),
+    (["method=patchcore", "method.embed_dim=0"], "method.embed_dim=0", "an integer >= 1"),
+    (["method=patchcore", "method.coreset_ratio=1.5"], "method.coreset_ratio=1.5", "<= 1"),
+    (["method=spade", "method.k=0"], "method.k=0", "an integer >= 1"),
+    (["method=texture_knn", "method.mode=few"], "method.mode='few'", "zero_shot or many_shot"),
+    (["plots.max_overlays=-1"], "plots.max_overlays=-1", "an integer >= 0"),
+    (["memory_cache_gb=lots"], "memory_cache_gb='lots'", "auto or a number >= 0"),
+    (["resume=maybe"], "resume='maybe'", "true or false"),
+    (["stage=fit"], "stage='fit'", "train or test or train_test"),
+    (["alignment=orb90", "alignment.ratio=2"], "alignment.ratio=2", "<= 1"),
+    (["+method.typo=1"], "method.typo", "not a known key"),
+    (["resolution.size=200", "resolution.crop=224"], "resolution.crop=224", "larger"),
+])
+def test_bad_values_name_key_value_and_rule(overrides, needle, rule):
+    with pytest.raises(ConfigError) as err:
+        _validate(overrides)
+    assert needle in str(err.value) and rule in str(err.value), str(err.value)
+
+
+def test_runner_validates_before_reading_any_data(tmp_path):
+    cfg = compose_config(["batch_size=abc", f"data_root={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        Runner(cfg, tmp_path / "run")
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "run").exists()
