@@ -165,7 +165,8 @@ def test_an_unwritable_category_dir_reports_the_computed_row(mvtec, tmp_path):
     (tmp_path / "run" / "bottle").write_text("a file where the category folder goes")
     res = run_cli(["dataset=mvtec", f"dataset.root={mvtec}", "dataset.category=bottle"],
                   tmp_path / "run")
-    assert_clean_error(res, "cannot write the results of category bottle", "image_auroc=0.")
+    assert_clean_error(res, "cannot write the results of category bottle", "image_auroc=",
+                       "pixel_auroc=", "aupro=")
 
 
 def test_ctrl_c_keeps_finished_rows_and_the_next_run_resumes(mvtec, tmp_path):
