@@ -205,7 +205,13 @@ class FeatureExtractor(nn.Module):
             return Features({s: blocks[f"{s}.{i}"] for s, i in self.selection.items()})
         keys = [image_key(img) for img in images]
         names = [f"{s}.{i}" for s, i in self.selection.items()]
-        hit = self.cache.load(keys, names)
+        h, w = images.shape[-2:]
+        shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
+        for s, n in zip(self.selection, names, strict=True):
+            st = self.strides[s]
+            exact = h % st == 0 and w % st == 0
+            shapes[n] = (self.channels[s], h // st if exact else None, w // st if exact else None)
+        hit = self.cache.load(keys, names, shapes)
         if hit is None:
             blocks = self._run(images, every_block=True)
             self.cache.store(keys, blocks)
