@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,58 @@ def run_cli(args: list[str], run_dir: Path, *, cwd: Path | None = None, fast: bo
     proc = subprocess.run(cmd, cwd=cwd or run_dir.parent, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+# Loaded through ``sitecustomize`` into a CLI subprocess: every host lookup and TCP
+# connection attempt is appended to a log, and every connection times out at once
+# (a network that drops packets, the case a hub probe has to bound).
+_NETWORK_RECORDER = """
+import json, os, socket
+
+_log = os.environ["ANOMALY_BENCH_TEST_NETWORK_LOG"]
+_connect, _getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+
+def _record(**event):
+    with open(_log, "a") as fh:
+        fh.write(json.dumps(event) + "\\n")
+
+
+def getaddrinfo(host, port, *args, **kwargs):
+    _record(event="resolve", host=host, port=port)
+    return _getaddrinfo(host, port, *args, **kwargs)
+
+
+def connect(sock, address):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return _connect(sock, address)
+    _record(event="connect", host=address[0], port=address[1], timeout=sock.gettimeout())
+    raise TimeoutError("timed out (network black-holed by the test)")
+
+
+socket.getaddrinfo = getaddrinfo
+socket.socket.connect = connect
+"""
+
+
+def black_hole_network(folder: Path) -> tuple[dict[str, str], Path]:
+    """(env for :func:`run_cli`, log path): the run's network attempts are logged and time out.
+
+    The log holds one JSON object per line: ``{"event": "resolve", "host", "port"}`` or
+    ``{"event": "connect", "host", "port", "timeout"}`` (the socket's time-out in seconds).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_NETWORK_RECORDER)
+    log = folder / "network.jsonl"
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "ANOMALY_BENCH_TEST_NETWORK_LOG": str(log)}, log
+
+
+def network_events(log: Path) -> list[dict]:
+    """The events :func:`black_hole_network` logged, in order (none when the file is absent)."""
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

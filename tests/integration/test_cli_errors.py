@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
-from cli_helpers import make_mvtec, run_cli, write_png
+from anomaly_bench.backbones.weights import PROBE_TIMEOUT_S
+
+from cli_helpers import black_hole_network, make_mvtec, network_events, run_cli, write_png
 
 
 def assert_clean_error(res, *needles):
@@ -64,15 +64,22 @@ def test_bad_config_values(tmp_path):
 
 
 def test_unreachable_weights_fail_fast_with_offline_options(tmp_path):
+    """One probe of the hub with the bounded time-out, then the error: no download tried."""
     data = make_mvtec(tmp_path / "mvtec", categories=("bottle",))
-    t0 = time.perf_counter()
+    net_env, log = black_hole_network(tmp_path / "net")
     res = run_cli(["dataset=mvtec", f"dataset.root={data}", "backbone=resnet18",
                    "resolution.size=64", "resolution.crop=null"], tmp_path / "r", fast=False,
-                  env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://127.0.0.1:9"})
-    assert time.perf_counter() - t0 < 30
-    assert_clean_error(res, "backbone.weights=PATH", "backbone.pretrained=false")
+                  env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "https://127.0.0.1:9",
+                       **net_env})
+    assert_clean_error(res, "backbone.weights=PATH", "backbone.pretrained=false",
+                       "127.0.0.1 is not reachable")
+    connects = [e for e in network_events(log) if e["event"] == "connect"]
+    assert connects == [{"event": "connect", "host": "127.0.0.1", "port": 9,
+                         "timeout": PROBE_TIMEOUT_S}]
+    assert {e["host"] for e in network_events(log)} == {"127.0.0.1"}  # no other host looked up
 
 
+@pytest.mark.slow  # a full run
 def test_local_weights_file_is_used_and_recorded(tmp_path):
     import timm
     import torch

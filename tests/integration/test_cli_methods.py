@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import math
+import re
+from pathlib import Path
 
 import pytest
 
 from cli_helpers import make_mvtec, run_cli
+
+pytestmark = pytest.mark.slow  # every test is a full run of the command
 
 COLUMNS_MIN = ("image_auroc", "pixel_auroc", "aupro", "ms_per_image")
 
@@ -29,7 +34,16 @@ def test_method_runs_end_to_end(tmp_path, method):
         assert row["n_train"] == "0"  # zero-shot: the training images are never read
     else:
         assert row["n_train"] == "6"
-    assert data.is_dir()
+    # one score per test image of the tree (3 good, 3 crack), finite, with its label
+    scores = res.rows("bottle/scores.csv")
+    assert row["n_test"] == "6" and len(scores) == 6
+    tests = sorted((data / "bottle" / "test").glob("*/*.png"))
+    assert sorted(Path(s["path"]).resolve() for s in scores) == [p.resolve() for p in tests]
+    for s in scores:
+        assert s["label"] == ("0" if Path(s["path"]).parent.name == "good" else "1")
+        assert math.isfinite(float(s["score"]))
+    plots = {p.name for p in (res.run_dir / "bottle" / "plots").glob("*.png")}
+    assert {"roc.png", "score_hist.png", "score_scatter.png", "overlays.png"} <= plots
 
 
 def test_texture_version_sweep_writes_the_version_table(tmp_path):
@@ -60,12 +74,28 @@ def test_texture_version_sweep_writes_the_version_table(tmp_path):
 
 
 def test_orb90_alignment_end_to_end(synthetic_root, tmp_path):
+    from anomaly_bench.data.synthetic import read_manifest
+
     res = run_cli(["dataset=synthetic", "dataset.category=rotated_part",
                    f"dataset.root={synthetic_root}", "alignment=orb90"], tmp_path / "run")
     assert res.code == 0, res.stderr[-2000:]
     (row,) = res.rows()
     assert row["alignment"] == "orb90" and row["category"] == "rotated_part"
     assert (tmp_path / "run" / "rotated_part" / "plots" / "overlays.png").is_file()
+    # Hydra's job log (<run dir>/<task>.log) holds the runner's alignment line
+    (log,) = (tmp_path / "run").glob("*.log")
+    found = re.findall(r"rotated_part: alignment turned (\d+) of (\d+) images", log.read_text())
+    assert len(found) == 1, log.read_text()
+    turned, total = map(int, found[0])
+    # the manifest's quarter turns: every image whose turn differs from the reference's
+    # (the first training image, itself turned) must be turned back, so a run that turns
+    # nothing, too little or too much fails here
+    rotations = read_manifest(synthetic_root)["categories"]["rotated_part"]["rotations"]
+    k_ref = rotations["train/good/000.png"]
+    need_turn = sum(k != k_ref for k in rotations.values())
+    assert total == len(rotations) == int(row["n_train"]) + int(row["n_test"])
+    tolerance = math.ceil(0.05 * total)  # the unit test demands >= 95% correct turns
+    assert turned > 0 and abs(turned - need_turn) <= tolerance, (turned, need_turn)
 
 
 def test_spade_on_shanghaitech_campus_preset(tmp_path):

@@ -11,6 +11,8 @@ from anomaly_bench.report.results import COLUMNS
 
 from cli_helpers import make_mvtec, run_cli
 
+pytestmark = pytest.mark.slow  # every test is a full run of the command
+
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 
 

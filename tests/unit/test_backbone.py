@@ -1,11 +1,12 @@
 """Block selection, weights loading and fail-fast pretrained fetching of the extractor."""
 
-import time
+import os
+import socket
 
 import pytest
 import torch
 
-from anomaly_bench.backbones import FeatureExtractor
+from anomaly_bench.backbones import FeatureExtractor, weights
 from anomaly_bench.backbones.weights import read_state_dict
 from anomaly_bench.errors import ConfigError, WeightsError
 
@@ -131,12 +132,54 @@ def test_bad_weights_files_raise_weights_error(tmp_path):
 
 
 def test_unreachable_hub_fails_fast_with_offline_options(monkeypatch, tmp_path):
+    """A black-holed hub costs one probe with the bounded time-out, and no download."""
+    import timm
+
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
-    t0 = time.perf_counter()
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    connects, downloads = [], []
+
+    def connect(sock, address):  # every TCP connection attempt of the process
+        connects.append((address, sock.gettimeout()))
+        raise TimeoutError("timed out")  # packets dropped: the slow case a probe must bound
+
+    real_create = timm.create_model
+
+    def create_model(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            downloads.append(args)
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(timm, "create_model", create_model)
     with pytest.raises(WeightsError) as err:
         FeatureExtractor("resnet18", {"layer1": -1}, hub_tag="tv_in1k", pretrained=True)
-    assert time.perf_counter() - t0 < 30
+    assert connects == [(("127.0.0.1", 9), weights.PROBE_TIMEOUT_S)]
+    assert 0 < weights.PROBE_TIMEOUT_S <= 10
+    assert downloads == []  # the failed probe stops before timm or the HF client start
+    assert "127.0.0.1 is not reachable" in str(err.value)
     assert "backbone.weights=PATH" in str(err.value)
     assert "backbone.pretrained=false" in str(err.value)
+
+
+def test_hub_access_bounds_hf_client_and_goes_offline_when_cached(monkeypatch):
+    probes = []
+    monkeypatch.setattr(weights, "_host_reachable", lambda url: probes.append(url) or True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(weights, "hub_cached", lambda hf_id: False)
+    with weights.hub_access("resnet18.tv_in1k", "timm/resnet18.tv_in1k", None):
+        # reachable, not cached: the download runs with short HF client time-outs
+        assert os.environ["HF_HUB_ETAG_TIMEOUT"] == "10"
+        assert os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] == "30"
+        assert "HF_HUB_OFFLINE" not in os.environ
+    assert probes == ["https://hub.invalid"]
+    assert "HF_HUB_ETAG_TIMEOUT" not in os.environ  # restored on exit
+    monkeypatch.setattr(weights, "hub_cached", lambda hf_id: True)
+    with weights.hub_access("resnet18.tv_in1k", "timm/resnet18.tv_in1k", None):
+        assert os.environ["HF_HUB_OFFLINE"] == "1"  # cached: no network at all
+    assert probes == ["https://hub.invalid"]  # and no probe either
+    assert "HF_HUB_OFFLINE" not in os.environ

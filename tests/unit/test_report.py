@@ -51,7 +51,8 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_row(path, _row("b"))
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temp file left
+    # no temporary file left; the lock file of write_row stays (flock locks are not unlinked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".results.csv.lock", "results.csv"]
 
 
 def _fake_sweep(root):
@@ -114,21 +115,82 @@ def test_summary_cli_and_missing_results(tmp_path, capsys):
     assert summary_main([str(empty)]) == 2
 
 
-def test_plots_write_pngs(tmp_path):
+def _rgb(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB")).astype(int)
+
+
+def _has_colour(img: np.ndarray, hex_colour: str, alpha: float = 1.0, tol: int = 6) -> np.ndarray:
+    """Mask of the pixels showing ``hex_colour`` drawn with ``alpha`` over white."""
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    blended = np.round(alpha * rgb + (1 - alpha) * 255)
+    return np.abs(img - blended).sum(axis=-1) <= tol
+
+
+def _upper_left_share(mask: np.ndarray) -> float:
+    """Share of the mask's pixels above the diagonal from its box's lower left to upper right."""
+    ys, xs = np.nonzero(mask)
+    u = (xs - xs.min()) / (xs.max() - xs.min())
+    v = (ys.max() - ys) / (ys.max() - ys.min())
+    return float(np.mean(v > u))
+
+
+def test_roc_plot_draws_the_curve_in_the_anomaly_colour(tmp_path):
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    good = _rgb(plots.plot_roc(tmp_path / "good.png", labels * 5.0, labels, "padim · x"))
+    h, w, _ = good.shape
+    assert 0.9 < (w / h) / (4.2 / 4.0) < 1.1  # the 4.2 x 4.0 in figure, axes labels included
+    assert h > 400  # 150 dpi
+    curve = _has_colour(good, plots.ANOMALY_COLOR)
+    assert curve.sum() > 1000
+    # a perfect ranking climbs the left edge and runs along the top (the legend's sample
+    # line, lower right, is the rest); the reversed ranking hugs the bottom and right
+    assert _upper_left_share(curve) > 0.8
+    bad = _rgb(plots.plot_roc(tmp_path / "bad.png", -labels * 5.0, labels, "padim · x"))
+    assert _upper_left_share(_has_colour(bad, plots.ANOMALY_COLOR)) < 0.2
+    assert plots.plot_roc(tmp_path / "none.png", labels * 1.0, np.zeros(40, int), "t") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_score_plots_show_each_class_present_in_its_colour(tmp_path):
     rng = np.random.default_rng(0)
     scores = np.r_[rng.normal(0, 1, 20), rng.normal(2, 1, 20)]
     labels = np.r_[np.zeros(20, int), np.ones(20, int)]
-    for fn in (plots.plot_roc, plots.plot_score_histogram, plots.plot_score_scatter):
-        out = fn(tmp_path / f"{fn.__name__}.png", scores, labels, "padim · x")
-        assert out is not None and out.stat().st_size > 10_000
-    assert plots.plot_roc(tmp_path / "none.png", scores, np.zeros(40, int), "t") is None
-    images = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    maps = rng.random((3, 32, 32))
-    masks = np.zeros((3, 32, 32), bool)
-    masks[0, 4:9, 4:9] = True
-    out = plots.plot_overlay_grid(tmp_path / "grid.png", images, maps, masks, ["a", "b", "c"],
-                                  0.0, 1.0)
-    assert out.stat().st_size > 10_000
+    normal = labels == 0
+    for fn, alpha in ((plots.plot_score_histogram, 0.55), (plots.plot_score_scatter, 0.8)):
+        both = _rgb(fn(tmp_path / f"{fn.__name__}.png", scores, labels, "padim · x"))
+        assert _has_colour(both, plots.NORMAL_COLOR, alpha).sum() > 200, fn.__name__
+        assert _has_colour(both, plots.ANOMALY_COLOR, alpha).sum() > 200, fn.__name__
+        one = _rgb(fn(tmp_path / f"{fn.__name__}_normal.png", scores[normal], labels[normal],
+                      "padim · x"))
+        assert _has_colour(one, plots.NORMAL_COLOR, alpha).sum() > 200, fn.__name__
+        assert _has_colour(one, plots.ANOMALY_COLOR, alpha).sum() == 0, fn.__name__
+
+
+def test_overlay_grid_has_one_tile_per_image(tmp_path):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    heights = {}
+    for n, max_items in ((2, 16), (4, 16), (6, 16), (6, 4)):
+        images = np.zeros((n, 32, 32, 3), np.uint8)
+        images[..., 1] = 255  # pure green: only the plain image tiles show it unblended
+        maps = rng.random((n, 32, 32))
+        masks = np.zeros((n, 32, 32), bool)
+        masks[0, 4:9, 4:9] = True
+        out = plots.plot_overlay_grid(tmp_path / f"grid{n}_{max_items}.png", images, maps, masks,
+                                      [f"img{i}" for i in range(n)], 0.0, 1.0, max_items)
+        img = _rgb(out)
+        tiles, count = ndimage.label((img == (0, 255, 0)).all(axis=-1))
+        sizes = ndimage.sum_labels(tiles > 0, tiles, range(1, count + 1))
+        assert count == min(n, max_items), (n, max_items, count)
+        assert sizes.min() > 0.5 * sizes.max(), sizes  # whole tiles, not specks
+        heights[n, max_items] = img.shape[0]
+    assert heights[2, 16] < heights[4, 16] < heights[6, 16]  # one row per two images
+    assert heights[6, 4] == heights[4, 16]  # max_items caps the rows
 
 
 def test_f1_threshold_is_the_best_cut():
