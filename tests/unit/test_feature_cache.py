@@ -32,6 +32,7 @@ def _run(cache_dir: str, layers: dict, out: str) -> None:
                 "hits": ex.cache.hits, "misses": ex.cache.misses}, out)
 
 
+@pytest.mark.slow
 def test_racing_jobs_and_a_later_process_share_entries(tmp_path: Path):
     ctx = mp.get_context("spawn")
     cache = str(tmp_path / "cache")

@@ -21,7 +21,8 @@ def _clustered(n, d, seed=0, duplicates=0):
 
 @pytest.mark.parametrize(("n", "d", "ratio", "n_starts", "pool"), [
     (3000, 64, 0.1, 10, 256),    # pool much smaller than the selection: many rounds
-    (3000, 300, 0.5, 0, 512),    # projected; classic start from one random point
+    pytest.param(3000, 300, 0.5, 0, 512,  # projected; classic start from one random point
+                 marks=pytest.mark.slow),
     (2000, 64, 0.9, 10, 4096),   # pool larger than N
     (1500, 32, 0.005, 10, 64),
 ])
