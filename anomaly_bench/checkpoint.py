@@ -15,7 +15,6 @@ neither the network nor the original weights file and reproduces the scores exac
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,28 +37,92 @@ META_KEYS = ("method", "backbone", "weights", "layers", "resolution", "dataset",
 _NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights")
 
 
-def checksum(meta: Mapping[str, Any], config: Mapping[str, Any],
-             state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of the description and of every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps([FORMAT, meta, config], sort_keys=True).encode())
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+def _walk(obj: Any, digest: Any) -> None:
+    """Feed ``obj`` to ``digest`` in a canonical order: tensors by dtype, shape and bytes."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
         digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _walk(obj[key], digest)
+        digest.update(b"}")
+    elif isinstance(obj, list | tuple):
+        digest.update(b"[")
+        for item in obj:
+            _walk(item, digest)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checksum(obj: Any) -> str:
+    """SHA-256 of a nested structure of tensors, numbers, strings and containers."""
+    digest = hashlib.sha256()
+    _walk(obj, digest)
     return digest.hexdigest()
+
+
+def write_data(path: Path, kind: str, description: Mapping[str, Any], data: Any) -> Path:
+    """Write ``data`` (tensors, numbers, strings, containers) with its description, atomically.
+
+    ``kind`` names what the file holds (``model``, ``training``); the checksum covers
+    format, kind, description and data.
+    """
+    payload = {"format": FORMAT, "kind": kind, "description": dict(description), "data": data}
+    payload["checksum"] = checksum([FORMAT, kind, payload["description"], data])
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def read_data(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
+    """(description, data) of a file written by :func:`write_data` with ``kind``.
+
+    CheckpointError when it cannot be read as plain data (a pickled object of any other
+    type is refused, never constructed), is of another format or kind, misses an entry,
+    or its checksum does not match its content.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint={path} cannot be read as an anomaly-bench file ({first}); it is "
+            "corrupt, truncated, or holds objects other than tensors, numbers and strings "
+            "(which are never loaded). Expected a file written by anomaly-bench."
+        ) from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != FORMAT or payload.get("kind") != kind:
+        raise CheckpointError(
+            f"checkpoint={path} has format {fmt!r} and kind "
+            f"{payload.get('kind') if isinstance(payload, dict) else None!r}, expected "
+            f"{FORMAT!r} and {kind!r}: it was not written by this version of anomaly-bench as "
+            f"a {kind} file; fit again."
+        )
+    missing = [k for k in ("description", "data", "checksum") if k not in payload]
+    if missing or not isinstance(payload["description"], dict):
+        raise CheckpointError(
+            f"checkpoint={path} is incomplete (missing or malformed: "
+            f"{', '.join(missing) or 'description'}); fit again."
+        )
+    if checksum([FORMAT, kind, payload["description"], payload["data"]]) != payload["checksum"]:
+        raise CheckpointError(
+            f"checkpoint={path} is corrupt: its content does not match the checksum written "
+            "with it (the file was modified or damaged); fit again."
+        )
+    return payload["description"], payload["data"]
 
 
 def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
          meta: Mapping[str, Any]) -> Path:
-    """Write the checkpoint atomically; ``meta`` holds every :data:`META_KEYS` entry."""
+    """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry."""
     state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
-    meta = {k: meta[k] for k in META_KEYS}
-    config = {k: config[k] for k in MODEL_KEYS}
-    payload = {"format": FORMAT, "meta": meta, "config": config, "state_dict": state,
-               "checksum": checksum(meta, config, state)}
-    with atomic_open(path, "wb") as fh:
-        torch.save(payload, fh)
-    return path
+    description = {"meta": {k: meta[k] for k in META_KEYS},
+                   "config": {k: config[k] for k in MODEL_KEYS}}
+    return write_data(path, "model", description, state)
 
 
 def locate(checkpoint: str | os.PathLike | None, category: str, n_categories: int) -> Path:
@@ -89,43 +152,21 @@ def locate(checkpoint: str | os.PathLike | None, category: str, n_categories: in
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint written by :func:`save` (on the CPU).
-
-    CheckpointError when the file cannot be read as plain data, is of another format,
-    misses an entry, or its checksum does not match its content.
-    """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint={path} cannot be read as an anomaly-bench model ({first}); it is "
-            "corrupt, truncated, or holds objects other than tensors, numbers and strings "
-            "(which are never loaded). Expected a model.pt written by stage=train."
-        ) from None
-    fmt = payload.get("format") if isinstance(payload, dict) else None
-    if fmt != FORMAT:
-        raise CheckpointError(
-            f"checkpoint={path} has format {fmt!r}, expected {FORMAT!r}: it was not written "
-            "by this version of anomaly-bench stage=train; fit the model again."
-        )
-    missing = [k for k in ("meta", "config", "state_dict", "checksum") if k not in payload]
-    meta, config, state = (payload.get(k) for k in ("meta", "config", "state_dict"))
+    """``{"meta", "config", "state_dict"}`` of a verified model checkpoint (on the CPU)."""
+    description, state = read_data(path, "model")
+    meta, config = description.get("meta"), description.get("config")
+    missing = [] if isinstance(meta, dict) else ["meta"]
+    missing += [] if isinstance(config, dict) else ["config"]
     if not missing:
-        missing += [f"meta.{k}" for k in META_KEYS if k not in (meta or {})]
-        missing += [f"config.{k}" for k in MODEL_KEYS if k not in (config or {})]
+        missing += [f"meta.{k}" for k in META_KEYS if k not in meta]
+        missing += [f"config.{k}" for k in MODEL_KEYS if k not in config]
     if missing or not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(
             f"checkpoint={path} is incomplete (missing or malformed: "
             f"{', '.join(missing) or 'state_dict'}); fit the model again with stage=train."
         )
-    if checksum(meta, config, state) != payload["checksum"]:
-        raise CheckpointError(
-            f"checkpoint={path} is corrupt: its content does not match the checksum written "
-            "with it (the file was modified or damaged); fit the model again with stage=train."
-        )
-    return payload
+    return {"meta": meta, "config": config, "state_dict": state}
 
 
 def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, Any],

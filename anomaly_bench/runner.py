@@ -32,11 +32,12 @@ from anomaly_bench.data import (
     resolve_categories,
     resolve_root,
 )
+from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import ConfigError, DataError
 from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.memo import MEMO, file_stamp
-from anomaly_bench.methods import AnomalyMethod, build_method, method_schema
-from anomaly_bench.metrics import compute_metrics
+from anomaly_bench.methods import AnomalyMethod, MethodContext, build_method, method_schema
+from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
 from anomaly_bench.paths import check_name, inside
 from anomaly_bench.report import plots
 from anomaly_bench.report.results import completed_categories, format_value, write_row
@@ -133,7 +134,13 @@ class Runner:
             split = layout.split(root, category)
             rows.append(self.run_category(split, len(categories), root))
         if rows and cfg.stage != "train":
-            log.info("results: %s", self.results_path)
+            if len(rows) > 1:
+                means = {k: _mean([r[k] for r in rows]) for k in METRIC_NAMES}
+                log.info("mean over %d categories: image AUROC %s, pixel AUROC %s, AUPRO %s, "
+                         "%.1f ms/image", len(rows), _fmt(means["image_auroc"]),
+                         _fmt(means["pixel_auroc"]), _fmt(means["aupro"]),
+                         _mean([r["ms_per_image"] for r in rows]) or 0.0)
+            log.info("run directory: %s (results.csv)", self.run_dir)
         return rows
 
     def job_config(self, root: Path, category: str) -> dict[str, Any]:
@@ -212,11 +219,17 @@ class Runner:
             method = build_method(model_cfg["method"], model_cfg["backbone"],
                                   model_cfg["layers"], int(cfg.seed))
             weights = method.weights_tag
-        method = method.to(self.device).eval()
+        method = method.to(self.device)
         preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
                                 crop=model_cfg["resolution"].get("crop"))
         self._check_sizes(method, split, preprocess)
         self.transform = self._alignment(model_cfg["alignment"], split)
+        source = self._fit_source(method, split, preprocess, model_cfg["method"])
+        method.setup(MethodContext(
+            dataset=split.dataset, category=split.category,
+            class_name=split.category.replace("_", " "),
+            references=source if method.learning == "few_shot" else None,
+            device=self.device, seed=int(cfg.seed), out_dir=cat_dir, resume=bool(cfg.resume)))
         row: dict[str, Any] = {
             "method": model_cfg["method"]["name"],
             "backbone": model_cfg["backbone"]["name"],
@@ -232,22 +245,19 @@ class Runner:
         with PeakMemory(self.device) as peak:
             if cfg.stage != "test":
                 with train_time:
-                    # zero-shot methods never see the training images
-                    method.fit([] if method.zero_shot
-                               else self._batches(split.train, preprocess, split, "fit"))
+                    method.fit(source)
                 if self._save_model():
                     path = checkpoint.save(inside(self.run_dir, cat_dir / "model.pt"), method,
                                            model_cfg, {**row, "layers": method.layers_tag})
                     log.info("%s: model saved to %s", split.category, path)
             outputs, test_s = None, 0.0
             if cfg.stage != "train":
-                outputs, test_s = self._predict(method, split, preprocess)
+                outputs, test_s = self._predict(method.eval(), split, preprocess)
         metrics = (compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
                    if outputs is not None else {})
         row.update({
-            **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")},
-            "n_train": (0 if method.zero_shot else len(split.train))
-            if cfg.stage != "test" else None,
+            **{k: metrics.get(k) for k in METRIC_NAMES},
+            "n_train": len(source) if cfg.stage != "test" else None,
             "n_test": len(split.test) if outputs is not None else None,
             "train_s": train_time.seconds if cfg.stage != "test" else None,
             "test_s": test_s if outputs is not None else None,
@@ -364,6 +374,18 @@ class Runner:
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield batch.to(self.device)
 
+    def _fit_source(self, method: AnomalyMethod, split: CategorySplit, preprocess: Preprocess,
+                    method_cfg: dict[str, Any]) -> TrainSource:
+        """The images ``fit`` learns from, by the method's learning setting: the training
+        set (one-class), a seeded choice of ``k_shot`` of them (few-shot), or none."""
+        records = [] if method.learning == "zero_shot" else split.train
+        source = TrainSource(
+            records, lambda recs, what: self._batches(recs, preprocess, split, what),
+            seed=int(self.cfg.seed),
+            val_fraction=float((method_cfg.get("train") or {}).get("val_fraction", 0.0)),
+            augment=getattr(method, "augment", None))
+        return source.choose(method.k_shot) if method.learning == "few_shot" else source
+
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
@@ -438,6 +460,12 @@ def _overlay_selection(labels: np.ndarray, k: int) -> np.ndarray:
     take = [a[np.linspace(0, len(a) - 1, n).round().astype(int)] if n else a[:0]
             for a, n in ((anomalous, n_anom), (normal, n_norm))]
     return np.concatenate(take)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values (None when there are none)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _fmt(v: float | None) -> str:

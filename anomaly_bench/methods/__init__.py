@@ -1,11 +1,21 @@
 """Anomaly detection methods behind one interface (see :mod:`anomaly_bench.methods.base`)."""
 
 from anomaly_bench.methods.base import (
+    LEARNING,
     AnomalyMethod,
+    MethodContext,
     available,
     build_method,
     load_fitted_state,
     method_schema,
 )
 
-__all__ = ["AnomalyMethod", "available", "build_method", "load_fitted_state", "method_schema"]
+__all__ = [
+    "LEARNING",
+    "AnomalyMethod",
+    "MethodContext",
+    "available",
+    "build_method",
+    "load_fitted_state",
+    "method_schema",
+]

@@ -1,8 +1,20 @@
 """The small interface every method implements, and the registry the runner builds from.
 
-A method is a torch module that owns its feature extractor. The runner calls
-``fit(batches)`` once with the training set and ``predict(batch)`` per test batch; the
-fitted state travels through ``state_dict`` / :func:`load_fitted_state`. Nothing in the
+A method is a torch module that owns its feature extractor. Its lifecycle, driven by the
+runner and the same for every method:
+
+1. ``setup(context)``: what the method may need before seeing data (dataset, category and
+   its class name for text prompts, few-shot references, device, seed, its output folder,
+   whether to resume an interrupted training).
+2. ``fit(source)``: the training images as a re-iterable
+   :class:`~anomaly_bench.data.source.TrainSource` (one ordered pass with ``iter``, seeded
+   epochs with ``source.epoch(e)``); zero-shot methods get an empty source. A trained
+   method hands it to :func:`anomaly_bench.training.train` and owns its train/eval modes.
+3. ``predict(batch)``: image scores and anomaly maps per test batch.
+
+The fitted state travels through ``state_dict`` / :func:`load_fitted_state`. ``learning``
+says which images the method learns from: ``one_class`` (the normal training set),
+``few_shot`` (``method.k_shot`` seeded references) or ``zero_shot`` (none). Nothing in the
 runner depends on which method it is.
 """
 
@@ -10,11 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.schema import Key, Schema
 from anomaly_bench.types import Batch, Prediction
@@ -31,19 +46,53 @@ COMMON_KEYS: dict[str, Key] = {
 }
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method learns before fitting (see :meth:`AnomalyMethod.setup`).
+
+    ``class_name`` is the category as words (``metal_nut`` -> ``metal nut``), for text
+    prompts; ``references`` the few-shot images (None unless ``learning == "few_shot"``);
+    ``out_dir`` the category's folder in the run directory (training state goes there);
+    ``resume`` whether an interrupted training there continues.
+    """
+
+    dataset: str
+    category: str
+    class_name: str
+    references: TrainSource | None
+    device: torch.device
+    seed: int
+    out_dir: Path
+    resume: bool
+
+
+LEARNING = ("one_class", "few_shot", "zero_shot")
+
+
 class AnomalyMethod(nn.Module, ABC):
-    """Base class: ``fit`` on normal images, ``predict`` scores and maps for a batch."""
+    """Base class: ``setup``, ``fit`` on normal images, ``predict`` scores and maps."""
 
     name: str = ""
-    #: True when the method needs no training images (zero-shot); the runner skips fit data.
-    zero_shot: bool = False
+    #: Which images the method learns from: one of :data:`LEARNING`.
+    learning: str = "one_class"
+    #: Few-shot methods: how many reference images (``method.k_shot``).
+    k_shot: int = 0
     #: True when the method models each feature position (PaDiM): every image of a
     #: category must then give the same feature grid.
     fixed_grid: bool = False
 
+    @property
+    def zero_shot(self) -> bool:
+        """True when the method learns from no image (the runner gives ``fit`` none)."""
+        return self.learning == "zero_shot"
+
+    def setup(self, context: MethodContext) -> None:
+        """Receive the run's context before ``fit`` or ``predict`` (kept as ``self.context``)."""
+        self.context = context
+
     @abstractmethod
     def fit(self, batches: Iterable[Batch]) -> None:
-        """Learn the normal model from an iterable of training batches (on the device)."""
+        """Learn the normal model from the training source (batches on the device)."""
 
     @abstractmethod
     def predict(self, batch: Batch) -> Prediction:

@@ -72,7 +72,7 @@ class TextureKnn(AnomalyMethod):
         self.extractor = extractor
         self.mode, self.k, self.pool, self.border, self.impl = mode, k, pool, border, impl
         self.blur_sigma = blur_sigma
-        self.zero_shot = mode == "zero_shot"
+        self.learning = "zero_shot" if mode == "zero_shot" else "one_class"
         self.register_buffer("bank", None)  # many_shot: (N, C) training patch features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

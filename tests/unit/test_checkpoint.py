@@ -111,36 +111,50 @@ def test_truncated_files_are_errors(saved, tmp_path, cut):
         checkpoint.load(bad)
 
 
-@pytest.mark.parametrize("drop", ["checksum", "state_dict", "meta.category", "config.layers"])
+def _raw(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("drop", ["checksum", "data"])
 def test_missing_entries_are_named(saved, tmp_path, drop):
     path, _, _ = saved
-    payload = copy.deepcopy(checkpoint.load(path))
-    outer, _, inner = drop.partition(".")
-    if inner:
-        del payload[outer][inner]
-    else:
-        del payload[outer]
+    payload = _raw(path)
+    del payload[drop]
     torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=f"incomplete.*{drop}"):
+        checkpoint.load(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("drop", ["meta.category", "config.layers"])
+def test_a_consistent_file_missing_a_description_key_is_named(saved, tmp_path, drop):
+    path, _, _ = saved
+    payload = _raw(path)
+    outer, _, inner = drop.partition(".")
+    del payload["description"][outer][inner]
+    checkpoint.write_data(tmp_path / "model.pt", "model", payload["description"],
+                          payload["data"])
     with pytest.raises(CheckpointError, match=f"incomplete.*{drop}"):
         checkpoint.load(tmp_path / "model.pt")
 
 
 def test_changed_description_fails_the_checksum(saved, tmp_path):
     path, _, _ = saved
-    payload = checkpoint.load(path)
-    payload["meta"]["category"] = "screw"  # claims another category, tensors untouched
+    payload = _raw(path)
+    payload["description"]["meta"]["category"] = "screw"  # another category, same tensors
     torch.save(payload, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="corrupt"):
         checkpoint.load(tmp_path / "model.pt")
 
 
-def test_other_format_is_refused(saved, tmp_path):
+def test_other_format_or_kind_is_refused(saved, tmp_path):
     path, _, _ = saved
-    payload = checkpoint.load(path)
+    payload = _raw(path)
     payload["format"] = "anomaly-bench/1"
     torch.save(payload, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="anomaly-bench/1"):
         checkpoint.load(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"'model'.*expected.*'training'"):
+        checkpoint.read_data(path, "training")
 
 
 WANTED = {"weights": "random(seed=0)", "dataset": "mvtec", "category": "bottle"}
