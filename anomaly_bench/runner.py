@@ -269,7 +269,9 @@ class Runner:
         })
         if outputs is None:
             return row
-        self._save_results(cat_dir, outputs, row, root if root is not None else split.root)
+        subset_rows = self._subset_rows(split, outputs, row)
+        self._save_results(cat_dir, outputs, [row, *subset_rows],
+                           root if root is not None else split.root)
         log.info("%s: image AUROC %s, pixel AUROC %s, AUPRO %s, %.1f ms/image",
                  split.category, _fmt(row["image_auroc"]), _fmt(row["pixel_auroc"]),
                  _fmt(row["aupro"]), row["ms_per_image"])
@@ -281,17 +283,36 @@ class Runner:
                             split.category, type(exc).__name__, exc)
         return row
 
-    def _save_results(self, cat_dir: Path, outputs: Outputs, row: dict[str, Any],
-                      root: Path) -> None:
-        """scores.csv, the row's configuration, then the results.csv row; never lost silently.
+    def _subset_rows(self, split: CategorySplit, out: Outputs,
+                     row: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per declared test subset (``<category>/<subset>``): the category's row
+        with the metrics and image count of that subset's test images alone."""
+        rows = []
+        for name in split.subsets:
+            pick = [i for i, r in enumerate(split.test) if r.subset == name]
+            if not pick:
+                continue
+            idx = torch.as_tensor(pick, device=out.scores.device)
+            metrics = compute_metrics(
+                out.scores[idx], out.labels[idx], out.maps[idx],
+                out.masks[idx] if out.masks is not None else None)
+            rows.append({**row, **{k: metrics.get(k) for k in METRIC_NAMES},
+                         "category": f"{split.category}/{name}", "n_test": len(pick),
+                         "test_s": None})
+        return rows
 
-        When the run directory cannot take them, the error carries the row itself.
-        """
+    def _save_results(self, cat_dir: Path, outputs: Outputs, rows: list[dict[str, Any]],
+                      root: Path) -> None:
+        """scores.csv, the rows' configuration, then the results.csv rows (the category's
+        first); nothing computed is lost silently: when the run directory cannot take them,
+        the error carries the category's row itself."""
+        row = rows[0]
         try:
             self._write_scores(cat_dir, outputs)
             with atomic_open(inside(self.run_dir, cat_dir / JOB_CONFIG), "w") as fh:
                 json.dump(self.job_config(root, row["category"]), fh, indent=1, sort_keys=True)
-            write_row(inside(self.run_dir, self.results_path), row)
+            for r in rows:
+                write_row(inside(self.run_dir, self.results_path), r)
         except OSError as exc:
             values = ", ".join(f"{k}={format_value(k, v)}" for k, v in row.items()
                                if k != "overrides")

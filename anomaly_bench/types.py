@@ -30,7 +30,11 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class CategorySplit:
-    """Train and test records of one category, plus whether pixel masks exist."""
+    """Train and test records of one category, plus whether pixel masks exist.
+
+    ``subsets`` names the test subsets the layout reports on their own (AeBAD-S's domain
+    shifts): each gets a results row besides the category's own.
+    """
 
     dataset: str
     category: str
@@ -38,6 +42,7 @@ class CategorySplit:
     train: list[SampleRecord]
     test: list[SampleRecord]
     has_masks: bool
+    subsets: tuple[str, ...] = ()
 
 
 @dataclass

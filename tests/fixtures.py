@@ -149,9 +149,25 @@ def write_stc(root: Path, *, scenes: Sequence[str] = ("01", "02"), n_video_frame
     return root
 
 
+def write_aebad_s(root: Path, domains: Sequence[str] = ("same", "background",
+                                                       "illumination", "view")) -> Path:
+    """AeBAD-S: ``AeBAD_S/{train/good/<sub>, test/<type>/<domain>, ground_truth/<type>/<domain>}``
+    with masks named as their images."""
+    cat = root / "AeBAD_S"
+    for s, sub in enumerate(("sub1", "sub2")):
+        for i in range(3):
+            write_image(cat / "train" / "good" / sub / f"{i:03d}.png", 10 * s + i)
+    for d, domain in enumerate(domains):
+        for i in range(2):
+            write_image(cat / "test" / "good" / domain / f"{i:03d}.png", 100 + 10 * d + i)
+            write_image(cat / "test" / "breakdown" / domain / f"{i:03d}.png", 200 + 10 * d + i)
+            write_mask(cat / "ground_truth" / "breakdown" / domain / f"{i:03d}.png")
+    return root
+
+
 WRITERS: dict[str, Callable[..., Path]] = {
     "mvtec": write_mvtec, "btad": write_btad, "mpdd": write_mpdd, "folder": write_folder,
-    "stc": write_stc,
+    "stc": write_stc, "aebad_s": write_aebad_s,
 }
 
 
