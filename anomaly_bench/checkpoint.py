@@ -8,8 +8,11 @@ is an error instead of silently different scores. The description records the me
 backbone, weights, layers, resolution, dataset and category; ``stage=test`` refuses a
 checkpoint whose description differs from the requested run, naming both values.
 
-The file stores the complete ``state_dict`` (backbone included), so ``stage=test`` needs
-neither the network nor the original weights file and reproduces the scores exactly.
+The file holds only what fitting produced (a Gaussian per position, a memory bank,
+trained adapters), never the frozen backbone: ``stage=test`` builds the backbone from the
+run's config and weights (the same weights, checked by their tag) and reproduces the
+scores exactly. A PaDiM or PatchCore model of ResNet-18 is then megabytes, not the
+network's 45 MB on top.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def read_data(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
 def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
          meta: Mapping[str, Any]) -> Path:
     """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry."""
-    state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in method.fitted_state().items()}
     description = {"meta": {k: meta[k] for k in META_KEYS},
                    "config": {k: config[k] for k in MODEL_KEYS}}
     return write_data(path, "model", description, state)
@@ -197,12 +200,15 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
         )
 
 
-def restore(payload: Mapping[str, Any], source: Path) -> AnomalyMethod:
-    """Rebuild the method from the checkpoint's own config and load its fitted state."""
+def restore(payload: Mapping[str, Any], source: Path,
+            backbone: Mapping[str, Any]) -> AnomalyMethod:
+    """Rebuild the method from the checkpoint's config and load its fitted state.
+
+    The frozen backbone is not in the file: it is built from ``backbone`` (the run's
+    backbone config, whose weights :func:`check_matches` has compared with the ones the
+    model was fitted with).
+    """
     cfg = payload["config"]
-    # the network's weights come from the file, loaded into a private (unshared) instance;
-    # no feature cache: its entries are keyed by the weights the network was built with
-    backbone = dict(cfg["backbone"], pretrained=False, weights=None, shared=False, cache=None)
     method = build_method(cfg["method"], backbone, cfg["layers"], int(payload["meta"]["seed"]))
     load_fitted_state(method, payload["state_dict"], str(source))
     return method

@@ -211,7 +211,7 @@ class Runner:
                 {"weights": self.requested_weights(), "dataset": split.dataset,
                  "category": split.category},
                 bool(cfg.get("allow_other_category", False)))
-            method = checkpoint.restore(payload, ckpt)
+            method = checkpoint.restore(payload, ckpt, model_cfg["backbone"])
             weights = payload["meta"]["weights"]
             log.info("%s: loaded %s (fitted on %s/%s)", split.category, ckpt,
                      payload["meta"]["dataset"], payload["meta"]["category"])

@@ -77,6 +77,14 @@ class AnomalyMethod(nn.Module, ABC):
     learning: str = "one_class"
     #: Few-shot methods: how many reference images (``method.k_shot``).
     k_shot: int = 0
+    #: Submodules that are never fitted (the frozen backbone): checkpoints leave them out
+    #: and ``stage=test`` rebuilds them from the backbone config and its weights.
+    frozen: tuple[str, ...] = ("extractor",)
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """What fitting produced: ``state_dict`` without the :attr:`frozen` submodules."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.split(".", 1)[0] not in self.frozen}
     #: True when the method models each feature position (PaDiM): every image of a
     #: category must then give the same feature grid.
     fixed_grid: bool = False
@@ -150,8 +158,12 @@ def build_method(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
     return _REGISTRY[name](method_cfg, backbone_cfg, layers_cfg, seed)
 
 
-def load_fitted_state(method: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a fitted ``state_dict``, allocating buffers that are unset before ``fit``."""
+def load_fitted_state(method: AnomalyMethod, state: Mapping[str, torch.Tensor],
+                      source: str) -> None:
+    """Load a :meth:`~AnomalyMethod.fitted_state`, allocating buffers unset before ``fit``.
+
+    Every fitted entry must match; the frozen submodules keep the weights they were built
+    with."""
     own = dict(method.named_buffers())
     for key, value in state.items():
         module_path, _, leaf = key.rpartition(".")
@@ -159,7 +171,10 @@ def load_fitted_state(method: nn.Module, state: Mapping[str, torch.Tensor], sour
         if leaf in module._buffers and key not in own:
             module._buffers[leaf] = torch.empty_like(value)
     try:
-        method.load_state_dict(state, strict=True)
+        result = method.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.split(".", 1)[0] not in method.frozen]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(

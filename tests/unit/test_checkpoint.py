@@ -72,7 +72,8 @@ def test_round_trip_restores_identical_scores(saved):
     path, model, test = saved
     payload = checkpoint.load(path)
     assert payload["meta"] == META
-    restored = checkpoint.restore(payload, path)
+    assert not any(k.startswith("extractor.") for k in payload["state_dict"])
+    restored = checkpoint.restore(payload, path, BACKBONE)
     a, b = model.predict(_batch(test)), restored.predict(_batch(test))
     assert torch.equal(a.image_scores, b.image_scores)
     assert torch.equal(a.anomaly_maps, b.anomaly_maps)
