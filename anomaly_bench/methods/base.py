@@ -23,6 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,34 @@ def available() -> list[str]:
 
 def build_method(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
                  layers_cfg: Mapping[str, Any], seed: int) -> AnomalyMethod:
-    """Construct the method named ``method_cfg['name']`` from the composed config."""
+    """Construct the method named ``method_cfg['name']`` from the composed config.
+
+    Keys ``method_cfg`` leaves out take the values of the method's YAML file
+    (``conf/method/<name>.yaml``), the one place where defaults live, so the factories
+    and constructors hold none.
+    """
     _import_all()
     name = method_cfg.get("name")
     if name not in _REGISTRY:
         raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
-    return _REGISTRY[name](method_cfg, backbone_cfg, layers_cfg, seed)
+    return _REGISTRY[name]({**method_defaults(name), **method_cfg}, backbone_cfg, layers_cfg,
+                           seed)
+
+
+@cache
+def _yaml_defaults(name: str) -> tuple[tuple[str, Any], ...]:
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    path = Path(str(resources.files("anomaly_bench.conf"))) / "method" / f"{name}.yaml"
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return tuple(values.items())  # type: ignore[union-attr]
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The keys of ``conf/method/<name>.yaml`` with their default values."""
+    return dict(_yaml_defaults(name))
 
 
 def load_fitted_state(method: AnomalyMethod, state: Mapping[str, torch.Tensor],

@@ -52,8 +52,8 @@ class Padim(AnomalyMethod):
     name = "padim"
     fixed_grid = True
 
-    def __init__(self, extractor: torch.nn.Module, n_features: int | None, reg: float = 0.01,
-                 blur_sigma: float = 4.0, seed: int = 0, solver: str = "auto") -> None:
+    def __init__(self, extractor: torch.nn.Module, n_features: int | None, reg: float,
+                 blur_sigma: float, seed: int, solver: str) -> None:
         super().__init__()
         self.extractor = extractor
         total = sum(extractor.channels.values())
@@ -217,7 +217,7 @@ SCHEMA = {
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Padim:
     extractor = build_extractor(backbone_cfg, layers_cfg, seed)
-    return Padim(extractor, method_cfg.get("n_features"), float(method_cfg.get("reg", 0.01)),
-                 float(method_cfg.get("blur_sigma", 4.0)), seed,
-                 str(method_cfg.get("solver", "auto")))
+    n = method_cfg["n_features"]
+    return Padim(extractor, None if n is None else int(n), float(method_cfg["reg"]),
+                 float(method_cfg["blur_sigma"]), seed, str(method_cfg["solver"]))
 

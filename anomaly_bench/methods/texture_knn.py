@@ -56,9 +56,8 @@ def self_knn_mean_reference(x: torch.Tensor, k: int, max_bytes: int = 256 * 2**2
 class TextureKnn(AnomalyMethod):
     name = "texture_knn"
 
-    def __init__(self, extractor: torch.nn.Module, *, mode: str = "zero_shot", k: int = 400,
-                 pool: int = 3, border: int = 32, impl: str = "fast",
-                 blur_sigma: float = 4.0) -> None:
+    def __init__(self, extractor: torch.nn.Module, *, mode: str, k: int, pool: int,
+                 border: int, impl: str, blur_sigma: float) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"method.mode={mode} is not one of {', '.join(MODES)}.")
@@ -138,10 +137,10 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> TextureKnn:
     return TextureKnn(
         build_extractor(backbone_cfg, layers_cfg, seed),
-        mode=str(method_cfg.get("mode", "zero_shot")),
-        k=int(method_cfg.get("k", 400)),
-        pool=int(method_cfg.get("pool", 3)),
-        border=int(method_cfg.get("border", 32)),
-        impl=str(method_cfg.get("impl", "fast")),
-        blur_sigma=float(method_cfg.get("blur_sigma", 4.0)),
+        mode=str(method_cfg["mode"]),
+        k=int(method_cfg["k"]),
+        pool=int(method_cfg["pool"]),
+        border=int(method_cfg["border"]),
+        impl=str(method_cfg["impl"]),
+        blur_sigma=float(method_cfg["blur_sigma"]),
     )

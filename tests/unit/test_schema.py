@@ -66,3 +66,19 @@ def test_runner_validates_before_reading_any_data(tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         Runner(cfg, tmp_path / "run")
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", available())
+def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method):
+    from anomaly_bench.methods import build_method
+    from anomaly_bench.methods.base import method_defaults
+
+    cfg = compose_config([f"method={method}"])
+    composed = OmegaConf.to_container(cfg.method, resolve=True)
+    assert method_defaults(method) == composed  # the YAML is the one place of defaults
+    backbone = {"name": "resnet18", "hub_tag": None, "pretrained": False, "weights": None}
+    layers = OmegaConf.to_container(cfg.layers)
+    built = build_method({"name": method}, backbone, layers, seed=0)
+    for key in ("k", "reg", "blur_sigma", "coreset_ratio", "pool"):
+        if key in composed and hasattr(built, key):
+            assert getattr(built, key) == composed[key], key
