@@ -220,8 +220,9 @@ class Runner:
                                   model_cfg["layers"], int(cfg.seed))
             weights = method.weights_tag
         method = method.to(self.device)
+        mean, std = method.normalisation
         preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
-                                crop=model_cfg["resolution"].get("crop"))
+                                crop=model_cfg["resolution"].get("crop"), mean=mean, std=std)
         self._check_sizes(method, split, preprocess)
         self.transform = self._alignment(model_cfg["alignment"], split)
         source = self._fit_source(method, split, preprocess, model_cfg["method"])

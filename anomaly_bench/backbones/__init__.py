@@ -1,5 +1,7 @@
-"""Shared feature extractors: timm CNNs with block-level layer selection."""
+"""Shared frozen feature extractors behind one interface (:mod:`.base`): timm CNNs with
+block-level layer selection."""
 
-from anomaly_bench.backbones.extractor import STAGES, FeatureExtractor, Features, selection_tag
+from anomaly_bench.backbones.base import Backbone, Features
+from anomaly_bench.backbones.extractor import STAGES, FeatureExtractor, selection_tag
 
-__all__ = ["STAGES", "FeatureExtractor", "Features", "selection_tag"]
+__all__ = ["STAGES", "Backbone", "FeatureExtractor", "Features", "selection_tag"]

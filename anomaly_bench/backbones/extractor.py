@@ -5,8 +5,9 @@ stages ``layer1`` .. ``layer4``, each a sequence of residual blocks. ``layers`` 
 per stage, the block whose output is wanted (``-1`` = the last block = the stage output,
 ``None`` = stage unused). The forward pass stops after the last block any selection needs
 and the stages after it are dropped from memory, so e.g. a layer2-only selection never
-computes layer3. With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, the
-stages it runs are completed and every block output is cached for later selections.
+computes layer3. With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached (see
+:class:`~anomaly_bench.backbones.base.Backbone`), the stages it runs are completed and
+every block output is cached for later selections.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomaly_bench.backbones.cache import FeatureCache, image_key
+from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from anomaly_bench.backbones.weights import (
     hub_access,
     load_into,
@@ -127,27 +128,15 @@ def selection_tag(selection: Mapping[str, int]) -> str:
     return "+".join(f"{stage}.{idx}" for stage, idx in selection.items())
 
 
-class Features(dict):
-    """``{stage: (B, C, h, w) block output}`` as a plain dict, plus what names its content.
-
-    ``sources[stage]`` identifies that tensor's values (backbone and weights, block, and the
-    content key of every image) when they came through the feature cache, else it is
-    absent; methods may key memoised derived statistics on it.
-    """
-
-    def __init__(self, blocks: Mapping[str, torch.Tensor],
-                 sources: Mapping[str, tuple] | None = None) -> None:
-        super().__init__(blocks)
-        self.sources: dict[str, tuple] = dict(sources or {})
-
-
-class FeatureExtractor(nn.Module):
-    """Frozen backbone returning ``{stage: block output}`` for the selected blocks.
+class FeatureExtractor(Backbone):
+    """Frozen CNN returning ``{stage: block output}`` for the selected blocks.
 
     Outputs are (B, C, h, w) tensors in the channels-last memory format the convolutions
     run in: every method reads them per position (a C-vector per pixel), which that layout
     stores contiguously, and converting costs a copy of every map.
     """
+
+    kind = "cnn"
 
     def __init__(self, name: str, layers: Mapping[str, int | None], *, hub_tag: str | None = None,
                  pretrained: bool = True, weights: str | None = None, seed: int = 0,
@@ -172,8 +161,12 @@ class FeatureExtractor(nn.Module):
         keep = STAGES if not truncate else STAGES[: STAGES.index(last_stage) + 1]
         self.stages = nn.ModuleDict({s: getattr(model, s) for s in keep})
         self.truncate = truncate
-        self.cache: FeatureCache | None = None
+        self.cache = None
         self.backbone_id = f"{name}.{hub_tag}|{self.weights_tag}"
+        data = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(data.get("mean", IMAGENET_MEAN))
+        self.std = tuple(data.get("std", IMAGENET_STD))
+        self.input_size = int(data.get("input_size", (3, 224, 224))[-1])
         self.head = None if truncate else nn.Sequential(model.global_pool, model.fc)
         # channels-last convolutions: the same results, about 30% faster on CPU (oneDNN)
         # and the layout tensor cores prefer on CUDA
@@ -181,10 +174,7 @@ class FeatureExtractor(nn.Module):
         self.eval().requires_grad_(False)
         shape_key = (name, tuple(self.selection.items()))
         if shape_key not in _SHAPES:  # the architecture alone fixes widths and strides
-            with torch.inference_mode():
-                probe = self(torch.zeros(1, 3, 64, 64))
-            _SHAPES[shape_key] = ({s: int(f.shape[1]) for s, f in probe.items()},
-                                  {s: 64 // int(f.shape[-1]) for s, f in probe.items()})
+            _SHAPES[shape_key] = self._probe_shapes()
         channels, strides = _SHAPES[shape_key]
         self.channels, self.strides = dict(channels), dict(strides)
 
@@ -192,34 +182,9 @@ class FeatureExtractor(nn.Module):
     def tag(self) -> str:
         return selection_tag(self.selection)
 
-    def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: BN stays in eval mode
-        return super().train(False)
-
-    def attach_cache(self, cache: FeatureCache | None) -> None:
-        """Serve and store block outputs through ``cache`` (None detaches)."""
-        self.cache = cache
-
-    def forward(self, images: torch.Tensor) -> Features:
-        if self.cache is None:
-            blocks = self._run(images, every_block=False)
-            return Features({s: blocks[f"{s}.{i}"] for s, i in self.selection.items()})
-        keys = [image_key(img) for img in images]
-        names = [f"{s}.{i}" for s, i in self.selection.items()]
-        h, w = images.shape[-2:]
-        shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
-        for s, n in zip(self.selection, names, strict=True):
-            st = self.strides[s]
-            exact = h % st == 0 and w % st == 0
-            shapes[n] = (self.channels[s], h // st if exact else None, w // st if exact else None)
-        hit = self.cache.load(keys, names, shapes)
-        if hit is None:
-            blocks = self._run(images, every_block=True)
-            self.cache.store(keys, blocks)
-            hit = {n: blocks[n] for n in names}
-        origin = (str(self.cache.dir), tuple(keys))
-        return Features({s: hit[n].to(images.device, non_blocking=True)
-                         for s, n in zip(self.selection, names, strict=True)},
-                        {s: (*origin, n) for s, n in zip(self.selection, names, strict=True)})
+    @property
+    def block_names(self) -> dict[str, str]:
+        return {s: f"{s}.{i}" for s, i in self.selection.items()}
 
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """Outputs ``{"layerS.i": tensor}`` of the selected blocks, or of every block run.

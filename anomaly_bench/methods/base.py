@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.schema import Key, Schema
@@ -118,6 +119,14 @@ class AnomalyMethod(nn.Module, ABC):
         """Which backbone blocks the method uses, e.g. ``layer1.2+layer2.3+layer3.5``."""
         extractor = getattr(self, "extractor", None)
         return getattr(extractor, "tag", "")
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the backbone expects its input normalised with (preprocessing uses
+        them: ImageNet statistics for the CNNs, CLIP's own for a CLIP tower)."""
+        extractor = getattr(self, "extractor", None)
+        return (tuple(getattr(extractor, "mean", IMAGENET_MEAN)),
+                tuple(getattr(extractor, "std", IMAGENET_STD)))
 
 
 def register(name: str, schema: Schema) -> Callable[[MethodFactory], MethodFactory]:

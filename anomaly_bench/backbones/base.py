@@ -1,0 +1,108 @@
+"""The one interface every backbone kind offers the methods, and the caching below it.
+
+A backbone returns named intermediate feature maps, ``{name: (B, C, h, w)}``, and says
+for each its channels and stride (``channels``, ``strides``: a ViT's patch tokens become
+a grid of stride = patch size), plus what identifies it: ``name``, ``kind``, the
+``weights_tag`` recorded in every result, the ``backbone_id`` that keys cached features,
+its own input normalisation (``mean``, ``std``) and its preferred input size
+(``input_size``), which preprocessing uses. Methods see only features; whether they came
+from the network or from the feature cache is decided here, not in the method maths.
+
+A subclass implements ``_run(images, every_block)`` (the selected blocks, or every block
+its forward pass runs, by block name) and ``block_names`` (feature name -> block name).
+With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, a batch is served
+from the cache when every image has every selected block; otherwise the network runs
+every block it passes through and all of them are stored, so later jobs selecting other
+blocks read them too.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from anomaly_bench.backbones.cache import FeatureCache, image_key
+from anomaly_bench.data.loading import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Features(dict):
+    """``{name: (B, C, h, w) block output}`` as a plain dict, plus what names its content.
+
+    ``sources[name]`` identifies that tensor's values (backbone and weights, block, and
+    the content key of every image) when they came through the feature cache, else it is
+    absent; memoised statistics derived from a block may be keyed on it.
+    """
+
+    def __init__(self, blocks: Mapping[str, torch.Tensor],
+                 sources: Mapping[str, tuple] | None = None) -> None:
+        super().__init__(blocks)
+        self.sources: dict[str, tuple] = dict(sources or {})
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor; see the module docstring for what it promises."""
+
+    kind: str = ""
+    name: str = ""
+    weights_tag: str = ""
+    backbone_id: str = ""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    channels: dict[str, int]
+    strides: dict[str, int]
+    cache: FeatureCache | None = None
+
+    @property
+    @abstractmethod
+    def block_names(self) -> dict[str, str]:
+        """Feature name -> name of the block that produces it, in output order."""
+
+    @property
+    @abstractmethod
+    def tag(self) -> str:
+        """Which blocks are used, e.g. ``layer1.2+layer2.3`` or ``blocks.3+blocks.7``."""
+
+    @abstractmethod
+    def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
+        """``{block name: output}`` of the selected blocks, or of every block run."""
+
+    def train(self, mode: bool = True) -> Backbone:  # frozen: normalisation stays in eval
+        return super().train(False)
+
+    def attach_cache(self, cache: FeatureCache | None) -> None:
+        """Serve and store block outputs through ``cache`` (None detaches)."""
+        self.cache = cache
+
+    def forward(self, images: torch.Tensor) -> Features:
+        selected = self.block_names
+        if self.cache is None:
+            blocks = self._run(images, every_block=False)
+            return Features({f: blocks[b] for f, b in selected.items()})
+        keys = [image_key(img) for img in images]
+        names = list(selected.values())
+        h, w = images.shape[-2:]
+        shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
+        for f, n in selected.items():
+            st = self.strides[f]
+            exact = h % st == 0 and w % st == 0
+            shapes[n] = (self.channels[f], h // st if exact else None, w // st if exact else None)
+        hit = self.cache.load(keys, names, shapes)
+        if hit is None:
+            blocks = self._run(images, every_block=True)
+            self.cache.store(keys, blocks)
+            hit = {n: blocks[n] for n in names}
+        origin = (str(self.cache.dir), tuple(keys))
+        return Features({f: hit[n].to(images.device, non_blocking=True)
+                         for f, n in selected.items()},
+                        {f: (*origin, n) for f, n in selected.items()})
+
+    def _probe_shapes(self, size: int = 64) -> tuple[dict[str, int], dict[str, int]]:
+        """(channels, strides) of the selected features, from one forward pass at ``size``."""
+        with torch.inference_mode():
+            probe = self._run(torch.zeros(1, 3, size, size), every_block=False)
+        return ({f: int(probe[b].shape[1]) for f, b in self.block_names.items()},
+                {f: size // int(probe[b].shape[-1]) for f, b in self.block_names.items()})
