@@ -171,7 +171,8 @@ class Runner:
         if self._weights is None:
             b = self.cfg.backbone
             self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
-                                        b.get("weights"), int(self.cfg.seed))
+                                        b.get("weights"), int(self.cfg.seed),
+                                        b.get("weights_url"))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from anomaly_bench.backbones.weights import (
+    fetch_state_dict,
     hub_access,
     load_into,
     offline_message,
@@ -37,36 +38,49 @@ _SHAPES: dict[tuple, tuple[dict[str, int], dict[str, int]]] = {}
 
 
 def create_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                      seed: int, shared: bool = True) -> tuple[nn.Module, str]:
+                      seed: int, shared: bool = True,
+                      url: str | None = None) -> tuple[nn.Module, str]:
     """The frozen timm model ``name`` with its weights, built once per process.
 
     Extractors never modify their network (frozen, eval mode), so every extractor with
     the same architecture and weights shares one instance: a sweep that runs many jobs in
     one process pays the construction (seconds for a WideResNet) only once. A weights file
     is keyed by its path, size and modification time. ``shared=False`` builds a private
-    instance (for loading other weights into it).
+    instance (for loading other weights into it). ``url``: weights published at a URL
+    (with ``pretrained``), e.g. MAE's.
     """
     if not shared:
-        return _build_timm_model(name, hub_tag, pretrained, weights, seed)
+        return _build_timm_model(name, hub_tag, pretrained, weights, seed, url)
     stamp = None
     if weights:
         p = Path(weights).expanduser()
         stamp = (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-    key = (name, hub_tag, bool(pretrained), str(weights), stamp, seed)
+    key = (name, hub_tag, bool(pretrained), str(weights), stamp, seed, url)
     if key not in _MODELS:
-        model, tag = _build_timm_model(name, hub_tag, pretrained, weights, seed)
+        model, tag = _build_timm_model(name, hub_tag, pretrained, weights, seed, url)
         _MODELS.clear()  # keep one network alive at a time
         _MODELS[key] = (model.eval().requires_grad_(False), tag)
     return _MODELS[key]
 
 
+def _architecture_kwargs(name: str) -> dict[str, object]:
+    """timm arguments per family: ResNets without zero-initialised residual branches
+    (torchvision-style, so every block transforms its input); ViTs without a classifier
+    and with position embeddings interpolated to any input size."""
+    if "resnet" in name or "resnext" in name:
+        return {"zero_init_last": False}
+    if name.startswith(("vit_", "deit", "eva", "beit")):
+        return {"num_classes": 0, "dynamic_img_size": True}
+    return {}
+
+
 def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                      seed: int) -> tuple[nn.Module, str]:
+                      seed: int, url: str | None = None) -> tuple[nn.Module, str]:
     """Build ``name`` with timm and load its weights; return (model, weights tag).
 
-    Order of precedence: a local ``weights`` file, then hub weights when ``pretrained``,
-    else a random initialisation seeded with ``seed`` (torchvision-style: residual branches
-    are not zero-initialised, so every block transforms its input).
+    Order of precedence: a local ``weights`` file, then (with ``pretrained``) the
+    weights at ``url`` or else timm's hub weights, else a random initialisation seeded
+    with ``seed``.
     """
     import timm
 
@@ -75,12 +89,14 @@ def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights:
         raise ConfigError(
             f"backbone.name={name} is not a timm architecture (e.g. wide_resnet50_2, resnet18)."
         )
-    kwargs = {"zero_init_last": False} if "resnet" in name or "resnext" in name else {}
-    if weights:
-        state = read_state_dict(weights)
-        model = timm.create_model(full, pretrained=False, **kwargs)
-        load_into(model, state, f"backbone.weights={weights}")
-        return model, weights_tag(name, hub_tag, pretrained, weights, seed)
+    kwargs = _architecture_kwargs(name)
+    if weights or (pretrained and url):
+        state = (read_state_dict(weights) if weights
+                 else fetch_state_dict(str(url), f"{name} from {url}"))
+        model = timm.create_model(name if url and not weights else full, pretrained=False,
+                                  **kwargs)
+        load_into(model, state, f"backbone.weights={weights}" if weights else str(url))
+        return model, weights_tag(name, hub_tag, pretrained, weights, seed, url)
     if pretrained:
         cfg = timm.models.get_pretrained_cfg(full)
         if cfg is None:

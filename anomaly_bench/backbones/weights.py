@@ -39,17 +39,34 @@ def file_tag(path: Path) -> str:
 
 
 def weights_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                seed: int) -> str:
+                seed: int, url: str | None = None) -> str:
     """The tag of the weights a backbone config asks for, without loading them.
 
-    ``file:<name>#<sha256 start>`` for a local file (it wins), ``timm:<name>.<hub tag>``
-    for hub weights, ``random(seed=N)`` for a seeded random initialisation.
+    ``file:<name>#<sha256 start>`` for a local file (it wins), ``url:<file name>`` for
+    weights published at a URL (MAE's), ``timm:<name>.<hub tag>`` for timm hub weights,
+    ``random(seed=N)`` for a seeded random initialisation.
     """
     if weights:
         return file_tag(Path(weights).expanduser())
+    if pretrained and url:
+        return f"url:{Path(urlparse(url).path).name}"
     if pretrained:
         return f"timm:{name}.{hub_tag}" if hub_tag else f"timm:{name}"
     return random_tag(seed)
+
+
+def fetch_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
+    """The state dict published at ``url`` (torch hub's cache first, else a guarded download)."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        return read_state_dict(cached)
+    with hub_access(what, None, url):
+        try:
+            obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True,
+                                                     progress=False)
+        except Exception as exc:
+            raise WeightsError(offline_message(what, f"{type(exc).__name__}: {exc}")) from exc
+    return unwrap_state(obj, url)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -75,12 +92,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(
             f"backbone.weights={p}: cannot read it as a state dict ({type(exc).__name__}: {exc})."
         ) from exc
+    return unwrap_state(obj, f"backbone.weights={p}")
+
+
+def unwrap_state(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """The parameter tensors of a loaded checkpoint object, under timm's key names.
+
+    Checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are
+    unwrapped and common prefixes (``module.``, ``model.``, ``backbone.``) are removed.
+    """
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(
-            f"backbone.weights={p}: expected a mapping of parameter names to tensors, "
+            f"{source}: expected a mapping of parameter names to tensors, "
             f"found {type(obj).__name__}."
         )
     out: dict[str, torch.Tensor] = {}

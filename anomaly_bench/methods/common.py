@@ -8,25 +8,50 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from anomaly_bench.backbones import FeatureExtractor
+from anomaly_bench.backbones import Backbone, FeatureExtractor
 from anomaly_bench.backbones.cache import FeatureCache
+from anomaly_bench.backbones.vit import VitExtractor
+from anomaly_bench.errors import ConfigError
 from anomaly_bench.ops.blur import gaussian_blur
 
 
 def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, Any],
-                    seed: int) -> FeatureExtractor:
-    """The frozen CNN extractor described by the ``backbone`` and ``layers`` config groups."""
-    layers = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
-    extractor = FeatureExtractor(
-        backbone_cfg["name"],
-        layers,
-        hub_tag=backbone_cfg.get("hub_tag"),
-        pretrained=bool(backbone_cfg.get("pretrained", True)),
-        weights=backbone_cfg.get("weights"),
-        seed=seed,
-        truncate=bool(backbone_cfg.get("truncate", True)),
-        shared=bool(backbone_cfg.get("shared", True)),
-    )
+                    seed: int) -> Backbone:
+    """The frozen backbone described by the ``backbone`` and ``layers`` config groups.
+
+    ``backbone.kind`` picks the implementation: ``cnn`` (timm ResNets, blocks chosen per
+    stage by ``layers.layer1`` .. ``layer4``) or ``vit`` (timm ViTs and the MAE encoder,
+    transformer blocks chosen by ``layers.blocks``). Selecting the other kind's keys is
+    an error before any image is read.
+    """
+    kind = backbone_cfg.get("kind", "cnn")
+    stages = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
+    blocks = layers_cfg.get("blocks")
+    common = {"hub_tag": backbone_cfg.get("hub_tag"),
+              "pretrained": bool(backbone_cfg.get("pretrained", True)),
+              "weights": backbone_cfg.get("weights"), "seed": seed,
+              "shared": bool(backbone_cfg.get("shared", True))}
+    if kind == "vit":
+        used = {k: v for k, v in stages.items() if v is not None}
+        if used:
+            raise ConfigError(
+                f"layers.{next(iter(used))}={next(iter(used.values()))} selects a CNN stage but "
+                f"backbone {backbone_cfg['name']} is a vision transformer: choose its blocks "
+                "with layers.blocks=[...] and set layers.layer1..layer4 to null (layers=vit)."
+            )
+        extractor: Backbone = VitExtractor(
+            backbone_cfg["name"], list(blocks or []), url=backbone_cfg.get("weights_url"),
+            mean=backbone_cfg.get("mean"), std=backbone_cfg.get("std"), **common)
+    elif kind == "cnn":
+        if blocks:
+            raise ConfigError(
+                f"layers.blocks={list(blocks)} selects transformer blocks but backbone "
+                f"{backbone_cfg['name']} is a CNN: choose its blocks with layers.layer1..layer4."
+            )
+        extractor = FeatureExtractor(backbone_cfg["name"], stages,
+                                     truncate=bool(backbone_cfg.get("truncate", True)), **common)
+    else:
+        raise ConfigError(f"backbone.kind={kind!r} is not one of cnn, vit.")
     cache = backbone_cfg.get("cache") or {}
     if cache.get("enabled"):
         extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id))

@@ -1,4 +1,4 @@
-"""One contract every registered method keeps, checked on the same tiny data.
+"""One contract every registered method keeps, on every backbone kind it can use.
 
 setup -> fit -> predict gives one finite score per image and a map at the image size;
 the fitted state survives a checkpoint (the frozen backbone left out) and the restored
@@ -21,6 +21,11 @@ from anomaly_bench.types import Batch, SampleRecord
 
 BACKBONE = {"name": "resnet18", "hub_tag": "tv_in1k", "pretrained": False, "weights": None,
             "truncate": True, "cache": {"enabled": False, "dir": "unused"}}
+VIT = {"name": "vit_tiny_patch16_224", "kind": "vit", "hub_tag": None, "pretrained": False,
+       "weights": None, "weights_url": None, "mean": None, "std": None, "truncate": True,
+       "cache": {"enabled": False, "dir": "unused"}}
+#: Blocks of the ViT per method (texture kNN reads one block).
+VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
@@ -35,15 +40,17 @@ def _batches(records: list[SampleRecord], what: str):
                     paths=[str(r.image_path) for r in chunk], defect_types=["good"] * len(chunk))
 
 
-def _configs(method: str, extra: dict | None = None) -> tuple[dict, dict, dict]:
+def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, dict]:
     cfg = compose_config([f"method={method}"])
     method_cfg = {**OmegaConf.to_container(cfg.method, resolve=True), **SMALL.get(method, {}),
                   **(extra or {})}
+    if kind == "vit":
+        return method_cfg, VIT, {"blocks": VIT_LAYERS[method]}
     return method_cfg, BACKBONE, OmegaConf.to_container(cfg.layers)
 
 
-def _fitted(method: str, tmp_path: Path, extra: dict | None = None) -> AnomalyMethod:
-    method_cfg, backbone, layers = _configs(method, extra)
+def _fitted(method: str, tmp_path: Path, extra: dict | None, kind: str) -> AnomalyMethod:
+    method_cfg, backbone, layers = _configs(method, extra, kind)
     model = build_method(method_cfg, backbone, layers, seed=0)
     records = [SampleRecord(Path(f"{i}.png"), 0) for i in range(8)]
     source = TrainSource([] if model.learning == "zero_shot" else records, _batches, seed=0)
@@ -61,13 +68,15 @@ def _test_batch() -> Batch:
     return next(_batches([SampleRecord(Path(f"{100 + i}.png"), 0) for i in range(3)], "test"))
 
 
-CASES = [(m, None) for m in available()] + [("texture_knn", {"mode": "many_shot"})]
+CASES = ([(m, None, "cnn") for m in available()] + [("texture_knn", {"mode": "many_shot"}, "cnn")]
+         + [(m, None, "vit") for m in VIT_LAYERS])
 
 
-@pytest.mark.parametrize(("method", "extra"), CASES,
-                         ids=[m if e is None else f"{m}-{e['mode']}" for m, e in CASES])
-def test_method_contract(method, extra, tmp_path):
-    model = _fitted(method, tmp_path, extra)
+@pytest.mark.parametrize(("method", "extra", "kind"), CASES,
+                         ids=[f"{m}-{k}" if e is None else f"{m}-{e['mode']}-{k}"
+                              for m, e, k in CASES])
+def test_method_contract(method, extra, kind, tmp_path):
+    model = _fitted(method, tmp_path, extra, kind)
     assert model.context.class_name == "metal nut" and model.learning in (
         "one_class", "few_shot", "zero_shot")
     batch = _test_batch()
@@ -78,10 +87,10 @@ def test_method_contract(method, extra, tmp_path):
 
     fitted = model.fitted_state()
     assert not any(k.startswith("extractor.") for k in fitted)
-    method_cfg, backbone, layers = _configs(method, extra)
+    method_cfg, backbone, layers = _configs(method, extra, kind)
     config = {"method": method_cfg, "backbone": backbone, "layers": layers,
               "resolution": {"size": 64, "crop": None}, "alignment": {"name": "none"}}
-    meta = {"method": method, "backbone": "resnet18", "weights": model.weights_tag,
+    meta = {"method": method, "backbone": backbone["name"], "weights": model.weights_tag,
             "layers": model.layers_tag, "resolution": "64", "dataset": "synthetic",
             "category": "metal_nut", "seed": 0}
     path = checkpoint.save(tmp_path / "model.pt", model, config, meta)
