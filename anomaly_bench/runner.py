@@ -172,7 +172,7 @@ class Runner:
             b = self.cfg.backbone
             self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
                                         b.get("weights"), int(self.cfg.seed),
-                                        b.get("weights_url"))
+                                        b.get("weights_url"), b.get("kind", "cnn"))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:
@@ -326,12 +326,21 @@ class Runner:
 
     def _check_sizes(self, method: AnomalyMethod, split: CategorySplit,
                      preprocess: Preprocess) -> None:
-        """At native resolution, refuse mixed image sizes a method or batch cannot take.
+        """Refuse image sizes the backbone (one fixed input size) or, at native
+        resolution, the method or a batch (one size for all images) cannot take.
 
         Read from the image headers before anything is fitted: a method that models each
         position (``fixed_grid``) needs one grid for all images, and a batch stacks
         images of one size.
         """
+        need = method.required_input_size
+        if need is not None and (preprocess.crop or preprocess.size) != need:
+            raise ConfigError(
+                f"backbone {self.cfg.backbone.name} takes {need} px images but resolution="
+                f"{resolution_tag({'size': preprocess.size, 'crop': preprocess.crop})} gives "
+                f"others: set resolution.size={need} resolution.crop=null (or "
+                f"backbone.image_size to the size you want)."
+            )
         if preprocess.size is not None or preprocess.crop is not None:
             return  # every image is resized or cropped to one size
         records = split.test if self.cfg.stage == "test" else split.train + split.test

@@ -179,3 +179,23 @@ def compose_config(overrides: Sequence[str] = ()):
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return compose("config", overrides=list(overrides))
+
+
+#: A small CLIP architecture (ViT image tower of 3 blocks, width 48, 64 px; 2 text blocks).
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 64, "layers": 3, "width": 48, "patch_size": 16,
+                            "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                          "layers": 2}}
+
+
+def register_tiny_clip(folder: Path) -> str:
+    """Register :data:`TINY_CLIP` with open_clip (config file in ``folder``); its name."""
+    import json
+
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Tiny-CLIP-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    return "Tiny-CLIP-test"

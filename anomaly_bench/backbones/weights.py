@@ -39,19 +39,21 @@ def file_tag(path: Path) -> str:
 
 
 def weights_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                seed: int, url: str | None = None) -> str:
+                seed: int, url: str | None = None, kind: str = "cnn") -> str:
     """The tag of the weights a backbone config asks for, without loading them.
 
     ``file:<name>#<sha256 start>`` for a local file (it wins), ``url:<file name>`` for
-    weights published at a URL (MAE's), ``timm:<name>.<hub tag>`` for timm hub weights,
-    ``random(seed=N)`` for a seeded random initialisation.
+    weights published at a URL (MAE's), ``timm:<name>.<hub tag>`` for timm hub weights
+    (``open_clip:<name>.<tag>`` for a CLIP backbone), ``random(seed=N)`` for a seeded
+    random initialisation.
     """
     if weights:
         return file_tag(Path(weights).expanduser())
     if pretrained and url:
         return f"url:{Path(urlparse(url).path).name}"
     if pretrained:
-        return f"timm:{name}.{hub_tag}" if hub_tag else f"timm:{name}"
+        hub = "open_clip" if kind == "clip" else "timm"
+        return f"{hub}:{name}.{hub_tag}" if hub_tag else f"{hub}:{name}"
     return random_tag(seed)
 
 

@@ -121,6 +121,11 @@ class AnomalyMethod(nn.Module, ABC):
         return getattr(extractor, "tag", "")
 
     @property
+    def required_input_size(self) -> int | None:
+        """The only input size the backbone takes (a CLIP tower), or None when any works."""
+        return getattr(getattr(self, "extractor", None), "fixed_size", None)
+
+    @property
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) the backbone expects its input normalised with (preprocessing uses
         them: ImageNet statistics for the CNNs, CLIP's own for a CLIP tower)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from anomaly_bench.backbones import Backbone, FeatureExtractor
 from anomaly_bench.backbones.cache import FeatureCache
+from anomaly_bench.backbones.clip import ClipBackbone
 from anomaly_bench.backbones.vit import VitExtractor
 from anomaly_bench.errors import ConfigError
 from anomaly_bench.ops.blur import gaussian_blur
@@ -20,9 +21,10 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
     """The frozen backbone described by the ``backbone`` and ``layers`` config groups.
 
     ``backbone.kind`` picks the implementation: ``cnn`` (timm ResNets, blocks chosen per
-    stage by ``layers.layer1`` .. ``layer4``) or ``vit`` (timm ViTs and the MAE encoder,
-    transformer blocks chosen by ``layers.blocks``). Selecting the other kind's keys is
-    an error before any image is read.
+    stage by ``layers.layer1`` .. ``layer4``), ``vit`` (timm ViTs and the MAE encoder) or
+    ``clip`` (open_clip's image tower, with text embeddings), whose transformer blocks
+    are chosen by ``layers.blocks``. Selecting the other kind's keys is an error before
+    any image is read.
     """
     kind = backbone_cfg.get("kind", "cnn")
     stages = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
@@ -31,7 +33,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
               "pretrained": bool(backbone_cfg.get("pretrained", True)),
               "weights": backbone_cfg.get("weights"), "seed": seed,
               "shared": bool(backbone_cfg.get("shared", True))}
-    if kind == "vit":
+    if kind in ("vit", "clip"):
         used = {k: v for k, v in stages.items() if v is not None}
         if used:
             raise ConfigError(
@@ -39,9 +41,15 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
                 f"backbone {backbone_cfg['name']} is a vision transformer: choose its blocks "
                 "with layers.blocks=[...] and set layers.layer1..layer4 to null (layers=vit)."
             )
-        extractor: Backbone = VitExtractor(
-            backbone_cfg["name"], list(blocks or []), url=backbone_cfg.get("weights_url"),
-            mean=backbone_cfg.get("mean"), std=backbone_cfg.get("std"), **common)
+        if kind == "clip":
+            common.pop("shared")
+            extractor: Backbone = ClipBackbone(backbone_cfg["name"], list(blocks or []),
+                                               image_size=backbone_cfg.get("image_size"),
+                                               **common)
+        else:
+            extractor = VitExtractor(
+                backbone_cfg["name"], list(blocks or []), url=backbone_cfg.get("weights_url"),
+                mean=backbone_cfg.get("mean"), std=backbone_cfg.get("std"), **common)
     elif kind == "cnn":
         if blocks:
             raise ConfigError(
@@ -51,7 +59,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
         extractor = FeatureExtractor(backbone_cfg["name"], stages,
                                      truncate=bool(backbone_cfg.get("truncate", True)), **common)
     else:
-        raise ConfigError(f"backbone.kind={kind!r} is not one of cnn, vit.")
+        raise ConfigError(f"backbone.kind={kind!r} is not one of cnn, vit, clip.")
     cache = backbone_cfg.get("cache") or {}
     if cache.get("enabled"):
         extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id))

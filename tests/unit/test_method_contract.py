@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import compose_config
+from fixtures import compose_config, register_tiny_clip
 from omegaconf import OmegaConf
 
 from anomaly_bench import checkpoint
@@ -24,8 +24,12 @@ BACKBONE = {"name": "resnet18", "hub_tag": "tv_in1k", "pretrained": False, "weig
 VIT = {"name": "vit_tiny_patch16_224", "kind": "vit", "hub_tag": None, "pretrained": False,
        "weights": None, "weights_url": None, "mean": None, "std": None, "truncate": True,
        "cache": {"enabled": False, "dir": "unused"}}
-#: Blocks of the ViT per method (texture kNN reads one block).
+CLIP = {"name": "Tiny-CLIP-test", "kind": "clip", "hub_tag": None, "pretrained": False,
+        "weights": None, "image_size": None, "truncate": True,
+        "cache": {"enabled": False, "dir": "unused"}}
+#: Blocks of the transformer per method (texture kNN reads one block).
 VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4]}
+CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
@@ -46,6 +50,8 @@ def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, di
                   **(extra or {})}
     if kind == "vit":
         return method_cfg, VIT, {"blocks": VIT_LAYERS[method]}
+    if kind == "clip":
+        return method_cfg, CLIP, {"blocks": CLIP_LAYERS[method]}
     return method_cfg, BACKBONE, OmegaConf.to_container(cfg.layers)
 
 
@@ -69,7 +75,12 @@ def _test_batch() -> Batch:
 
 
 CASES = ([(m, None, "cnn") for m in available()] + [("texture_knn", {"mode": "many_shot"}, "cnn")]
-         + [(m, None, "vit") for m in VIT_LAYERS])
+         + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_clip(tmp_path_factory) -> str:
+    return register_tiny_clip(tmp_path_factory.mktemp("clip_configs"))
 
 
 @pytest.mark.parametrize(("method", "extra", "kind"), CASES,
