@@ -128,14 +128,28 @@ def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
     return write_data(path, "model", description, state)
 
 
-def locate(checkpoint: str | os.PathLike | None, category: str, n_categories: int) -> Path:
-    """Find the model.pt for ``category``: a file (single category) or a run directory."""
+def locate(checkpoint: str | os.PathLike | None, category: str | None,
+           n_categories: int) -> Path:
+    """Find the model.pt for ``category``: a file (single category) or a run directory.
+
+    ``category=None`` asks for the one model of a ``fit_scope=dataset`` run (``model.pt``
+    at the root of its run directory).
+    """
     if not checkpoint:
         raise CheckpointError(
             "stage=test needs checkpoint=PATH: a model.pt written by stage=train, or the run "
             "directory of that run (holding <category>/model.pt)."
         )
     p = Path(checkpoint).expanduser()
+    if p.is_dir() and category is None:
+        if (p / "model.pt").is_file():
+            return p / "model.pt"
+        raise CheckpointError(
+            f"checkpoint={p} is a directory without model.pt; expected the run directory of "
+            "a stage=train fit_scope=dataset run."
+        )
+    if category is None:
+        n_categories = 1  # one model serves every category
     if p.is_dir():
         candidate = p / category / "model.pt"
         if candidate.is_file():
@@ -173,17 +187,21 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, Any],
-                  wanted: Mapping[str, Any], allow_other_category: bool) -> None:
+                  wanted: Mapping[str, Any], allow_other_category: bool,
+                  allow_other_dataset: bool = False) -> None:
     """CheckpointError naming both values when the checkpoint was fitted on another setting.
 
     ``config`` are the requested :data:`MODEL_KEYS` groups; ``wanted`` the requested
     ``weights``, ``dataset`` and ``category``. Keys that change no computed value (the
-    feature cache, ...) are not compared; the backbone's weights are compared by tag.
+    feature cache, ...) are not compared; the backbone's weights are compared by tag. A
+    model fitted once on a whole (auxiliary) dataset is tested on any dataset and
+    category: ``allow_other_dataset`` leaves both out.
     """
     def model(groups: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         backbone = {k: v for k, v in groups["backbone"].items()
                     if k not in _NEUTRAL_BACKBONE_KEYS}
-        keys = ("weights", "dataset") + (() if allow_other_category else ("category",))
+        keys = ("weights",) + (() if allow_other_dataset else ("dataset",)) + (
+            () if allow_other_category or allow_other_dataset else ("category",))
         return {**{k: groups[k] for k in MODEL_KEYS}, "backbone": backbone,
                 **{k: meta[k] for k in keys}}
 

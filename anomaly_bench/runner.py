@@ -65,6 +65,16 @@ class Outputs:
     rotations: torch.Tensor
 
 
+@dataclass
+class Shared:
+    """The one model of a ``fit_scope=dataset`` run, shared by every category's test."""
+
+    method: AnomalyMethod
+    weights: str
+    n_train: int | None
+    train_s: float | None
+
+
 def _plain(cfg: DictConfig, key: str) -> dict[str, Any]:
     return OmegaConf.to_container(cfg[key], resolve=True)  # type: ignore[return-value]
 
@@ -124,15 +134,21 @@ class Runner:
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
         done = completed_categories(self.results_path) if cfg.resume else set()
-        rows = []
+        todo = []
         for category in categories:
             if category in done and cfg.stage != "train":
                 self._check_resumable(category, root)
                 log.info("%s: already in %s with this configuration, skipped (resume=true)",
                          category, self.results_path)
                 continue
-            split = layout.split(root, category)
-            rows.append(self.run_category(split, len(categories), root))
+            todo.append(category)
+        shared = None
+        if cfg.fit_scope == "dataset" and (todo or cfg.stage == "train"):
+            shared = self._fit_dataset(layout, root, categories)
+            if cfg.stage == "train":
+                return []
+        rows = [self.run_category(layout.split(root, c), len(categories), root, shared)
+                for c in todo]
         if rows and cfg.stage != "train":
             if len(rows) > 1:
                 means = {k: _mean([r[k] for r in rows]) for k in METRIC_NAMES}
@@ -163,6 +179,7 @@ class Runner:
             st = p.stat() if p.exists() else None
             ckpt = [str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
         return {**model, "weights": self.requested_weights(), "seed": int(cfg.seed),
+                "fit_scope": str(cfg.fit_scope),
                 "dataset": {**dataset, "root": str(Path(root).resolve())},
                 "category": category, "stage": str(cfg.stage), "checkpoint": ckpt}
 
@@ -198,13 +215,17 @@ class Runner:
         )
 
     def run_category(self, split: CategorySplit, n_categories: int,
-                     root: Path | None = None) -> dict[str, Any]:
+                     root: Path | None = None, shared: Shared | None = None) -> dict[str, Any]:
+        """Fit (unless ``shared`` holds the dataset's one fitted model), score, evaluate and
+        write the results of one category."""
         cfg = self.cfg
         check_name(split.category, "dataset.category")
         cat_dir = inside(self.run_dir, self.run_dir / split.category)
         seed_everything(int(cfg.seed))
         model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
-        if cfg.stage == "test":
+        if shared is not None:
+            method, weights = shared.method, shared.weights
+        elif cfg.stage == "test":
             ckpt = checkpoint.locate(cfg.checkpoint, split.category, n_categories)
             payload = checkpoint.load(ckpt)
             checkpoint.check_matches(
@@ -244,8 +265,9 @@ class Runner:
             "seed": int(cfg.seed),
         }
         train_time = Stopwatch(self.device)
+        fits = cfg.stage != "test" and shared is None
         with PeakMemory(self.device) as peak:
-            if cfg.stage != "test":
+            if fits:
                 with train_time:
                     method.fit(source)
                 if self._save_model():
@@ -259,9 +281,9 @@ class Runner:
                    if outputs is not None else {})
         row.update({
             **{k: metrics.get(k) for k in METRIC_NAMES},
-            "n_train": len(source) if cfg.stage != "test" else None,
+            "n_train": len(source) if fits else shared.n_train if shared else None,
             "n_test": len(split.test) if outputs is not None else None,
-            "train_s": train_time.seconds if cfg.stage != "test" else None,
+            "train_s": train_time.seconds if fits else shared.train_s if shared else None,
             "test_s": test_s if outputs is not None else None,
             "ms_per_image": (1000 * test_s / max(len(split.test), 1)
                              if outputs is not None else None),
@@ -284,6 +306,57 @@ class Runner:
                 log.warning("%s: plots not written (%s: %s); results.csv and scores.csv were",
                             split.category, type(exc).__name__, exc)
         return row
+
+    def _fit_dataset(self, layout: Any, root: Path, categories: list[str]) -> Shared:
+        """The one model of ``fit_scope=dataset``: fitted on the training images of every
+        category together (saved as ``model.pt`` at the run directory's root), or read from
+        ``checkpoint`` for ``stage=test``, where it may come from another (auxiliary)
+        dataset: trained on MVTec AD, tested on every category of another dataset."""
+        cfg = self.cfg
+        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        if model_cfg["alignment"]["name"] != "none":
+            raise ConfigError("fit_scope=dataset fits one model on every category, but "
+                              f"alignment={model_cfg['alignment']['name']} aligns each category "
+                              "to its own reference: use alignment=none.")
+        seed_everything(int(cfg.seed))
+        if cfg.stage == "test":
+            ckpt = checkpoint.locate(cfg.checkpoint, None, len(categories))
+            payload = checkpoint.load(ckpt)
+            checkpoint.check_matches(payload, ckpt, model_cfg,
+                                     {"weights": self.requested_weights()}, True, True)
+            log.info("loaded %s (fitted once on %s)", ckpt, payload["meta"]["dataset"])
+            method = checkpoint.restore(payload, ckpt, model_cfg["backbone"]).to(self.device)
+            return Shared(method, payload["meta"]["weights"], None, None)
+        method = build_method(model_cfg["method"], model_cfg["backbone"], model_cfg["layers"],
+                              int(cfg.seed)).to(self.device)
+        splits = [layout.split(root, c) for c in categories]
+        every = CategorySplit(dataset=splits[0].dataset, category="all", root=root,
+                              train=[r for sp in splits for r in sp.train], test=[],
+                              has_masks=all(sp.has_masks for sp in splits))
+        mean, std = method.normalisation
+        preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
+                                crop=model_cfg["resolution"].get("crop"), mean=mean, std=std)
+        self._check_sizes(method, every, preprocess)
+        self.transform = None
+        source = self._fit_source(method, every, preprocess, model_cfg["method"])
+        method.setup(MethodContext(
+            dataset=every.dataset, category="all", class_name="",
+            references=source if method.learning == "few_shot" else None,
+            device=self.device, seed=int(cfg.seed), out_dir=self.run_dir,
+            resume=bool(cfg.resume)))
+        watch = Stopwatch(self.device)
+        with watch:
+            method.fit(source)
+        if self._save_model():
+            meta = {"method": model_cfg["method"]["name"],
+                    "backbone": model_cfg["backbone"]["name"], "weights": method.weights_tag,
+                    "layers": method.layers_tag,
+                    "resolution": resolution_tag(model_cfg["resolution"]),
+                    "dataset": every.dataset, "category": "all", "seed": int(cfg.seed)}
+            path = checkpoint.save(inside(self.run_dir, self.run_dir / "model.pt"), method,
+                                   model_cfg, meta)
+            log.info("model of all %d categories saved to %s", len(splits), path)
+        return Shared(method, method.weights_tag, len(source), watch.seconds)
 
     def _subset_rows(self, split: CategorySplit, out: Outputs,
                      row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -100,6 +100,7 @@ TOP: dict[str, Any] = {
     "stage": one_of("train", "test", "train_test"),
     "checkpoint": Key(str, null=True),
     "allow_other_category": Key(bool),
+    "fit_scope": one_of("category", "dataset"),
     "save_model": Key(bool, choices=("auto",)),
     "device": Key(str),
     "seed": Key(int, lo=0),
