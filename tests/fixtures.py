@@ -165,9 +165,29 @@ def write_aebad_s(root: Path, domains: Sequence[str] = ("same", "background",
     return root
 
 
+def write_visa(root: Path, categories: Sequence[str] = ("candle", "pcb1")) -> Path:
+    """VisA: ``<cat>/Data/Images/{Normal,Anomaly}``, ``<cat>/Data/Masks/Anomaly`` and the
+    one-class split file ``split_csv/1cls.csv``."""
+    lines = ["object,split,label,image,mask"]
+    for c, cat in enumerate(categories):
+        for i in range(5):
+            rel = f"{cat}/Data/Images/Normal/{i:04d}.JPG"
+            write_image(root / rel, 1000 * c + i)
+            lines.append(f"{cat},{'train' if i < 3 else 'test'},normal,{rel},")
+        for i in range(2):
+            rel = f"{cat}/Data/Images/Anomaly/{i:03d}.JPG"
+            mask = f"{cat}/Data/Masks/Anomaly/{i:03d}.png"
+            write_image(root / rel, 1000 * c + 50 + i)
+            write_mask(root / mask)
+            lines.append(f"{cat},test,anomaly,{rel},{mask}")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 WRITERS: dict[str, Callable[..., Path]] = {
     "mvtec": write_mvtec, "btad": write_btad, "mpdd": write_mpdd, "folder": write_folder,
-    "stc": write_stc, "aebad_s": write_aebad_s,
+    "stc": write_stc, "aebad_s": write_aebad_s, "visa": write_visa,
 }
 
 

@@ -20,6 +20,7 @@ def _validate(overrides: list[str]) -> None:
 @pytest.mark.parametrize("method", available())
 @pytest.mark.parametrize("extra", [[], ["resolution=native"], ["alignment=orb90"],
                                    ["dataset=stc"], ["dataset=folder"], ["dataset=aebad_s"],
+                                   ["dataset=visa"],
                                    ["backbone=vit_base_patch16_224"], ["backbone=mae_vit_base"],
                                    ["backbone=clip_vit_b16_plus_240"],
                                    ["backbone=clip_vit_l14_336"]])
