@@ -8,12 +8,25 @@ completely (file path, size and modification time, preprocessing, content keys, 
 a hit is the value a rebuild would give. Entries are shared, never copied: callers must
 not modify what they get. Values on an accelerator are not kept (device memory belongs
 to the running job). ``memory_cache_gb`` (top-level config) sets the budget; 0 = off.
+
+The budget is an upper bound: the memo also gives memory back when the machine runs
+short. Before keeping a value it reads how much memory the host still has available
+(``MemAvailable`` on Linux); below :func:`host_reserve` it evicts until that much is free
+again, and keeps nothing while it cannot. Without swap the kernel can reclaim only page
+cache, so a memo that keeps growing would push out the very files a job then has to
+read; with swap its entries would be paged out and read back slower than the feature
+cache's files. Either way a job that finds its values evicted rebuilds them from cheaper
+sources (the feature cache reads its files). Eviction takes the least recently used entry
+of at least :data:`SMALL_BYTES`; smaller ones (an alignment's decisions, costly to redo
+and worth nothing to free) go only when no larger one is left.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -21,9 +34,41 @@ from typing import Any, TypeVar
 import torch
 
 T = TypeVar("T")
+log = logging.getLogger("anomaly_bench")
 
 #: Default budget: off until the runner sets it from ``memory_cache_gb``.
 DEFAULT_BYTES = 0
+#: Entries smaller than this are evicted only when no larger entry is left.
+SMALL_BYTES = 64 * 2**10
+#: Host memory the memo leaves available: this fraction of the total, at least MIN_RESERVE.
+RESERVE_FRACTION = 0.10
+MIN_RESERVE = 2**30
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[name] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def host_available() -> int | None:
+    """Bytes of memory the host can still give without swapping (None when unknown)."""
+    return _meminfo().get("MemAvailable")
+
+
+def host_reserve() -> int:
+    """Bytes of host memory the memo leaves available (0 when the total is unknown)."""
+    total = _meminfo().get("MemTotal")
+    return 0 if total is None else max(MIN_RESERVE, int(total * RESERVE_FRACTION))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -50,15 +95,34 @@ def file_stamp(path: str | os.PathLike | None) -> tuple | None:
 
 
 class Memo:
-    """Least-recently-used mapping with a byte budget; thread-safe."""
+    """Least-recently-used mapping with a byte budget; thread-safe.
 
-    def __init__(self, budget: int = 4 * 2**30) -> None:
+    ``available`` returns the host's available memory in bytes, or None when unknown
+    (then only the budget bounds the memo); by default :func:`host_available`.
+    ``reserve`` is what must stay available (None: the host's :func:`host_reserve`).
+    """
+
+    def __init__(self, budget: int = 4 * 2**30,
+                 available: Callable[[], int | None] | None = None,
+                 reserve: int | None = None) -> None:
         self.budget = int(budget)
         self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._available = available
+        self._reserve = reserve
         self.hits = 0
         self.misses = 0
+        #: bytes evicted, and values not kept, because the host was short of memory
+        self.shed_bytes = 0
+        self.declined = 0
+        self._last_told = float("-inf")
+
+    @property
+    def reserve(self) -> int:
+        if self._reserve is None:
+            self._reserve = host_reserve()
+        return self._reserve
 
     def configure(self, budget: int) -> None:
         """Set the budget in bytes, evicting what no longer fits."""
@@ -93,9 +157,33 @@ class Memo:
                 self._bytes -= old[1]
             if size > self.budget:
                 return
+            if not self._make_room():
+                self.declined += 1
+                return
             self._items[key] = (value, size)
             self._bytes += size
             self._evict()
+
+    def _make_room(self) -> bool:
+        """Evict while the host has less than the reserve available; False when that is
+        not enough (the value is then not kept)."""
+        available = (self._available or host_available)()
+        short = 0 if available is None else self.reserve - available
+        if short <= 0:
+            return True
+        freed = 0
+        while freed < short and self._items:
+            freed += self._pop_victim()
+        self.shed_bytes += freed
+        now = time.monotonic()
+        if now - self._last_told > 60:
+            self._last_told = now
+            log.info("memory is short (%.1f GiB available, %.1f GiB kept free): the "
+                     "in-process memo gave back %.2f GiB and holds %.2f GiB; jobs rebuild "
+                     "what it dropped (block outputs from the feature cache's files)",
+                     available / 2**30, self.reserve / 2**30, freed / 2**30,
+                     self._bytes / 2**30)
+        return freed >= short
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
         value = self.get(key)
@@ -110,8 +198,16 @@ class Memo:
 
     def _evict(self) -> None:
         while self._bytes > self.budget and self._items:
-            _, (_, size) = self._items.popitem(last=False)
-            self._bytes -= size
+            self._pop_victim()
+
+    def _pop_victim(self) -> int:
+        """Remove the least recently used entry of at least SMALL_BYTES (else the least
+        recently used one); return its size."""
+        victim = next((k for k, (_, size) in self._items.items() if size >= SMALL_BYTES),
+                      next(iter(self._items)))
+        _, size = self._items.pop(victim)
+        self._bytes -= size
+        return size
 
 
 #: The process-wide instance.

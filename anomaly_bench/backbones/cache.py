@@ -5,7 +5,9 @@ The cache stores, per preprocessed image, the output of *every* block of the sta
 extractor runs, so any later job that picks other blocks of those stages reads them
 instead of recomputing. The key of an entry is a hash of the preprocessed image tensor
 (so dataset, category, resolution and alignment are all part of it) under a folder keyed
-by backbone architecture, weights and library versions.
+by backbone architecture, weights and library versions. An entry holds float32 values:
+about 21 MB per image for WideResNet50-2 at 224 px (the 13 blocks of layer1-3), 2 MB for
+ResNet18 (:func:`entry_size` gives the figure for any grid).
 
 An entry is a safetensors file whose metadata records the format version and, per
 tensor, its shape, dtype and a BLAKE2b checksum of its bytes. Every entry read from disk
@@ -13,10 +15,25 @@ is checked against that record, against the shapes the caller expects and agains
 other entries of its batch; an entry that fails (unreadable, truncated, of another
 format, of another shape, with damaged bytes) is removed with a warning and its batch is
 recomputed and stored again. Entries are written through
-:func:`anomaly_bench.fsutil.atomic_write_bytes`, so concurrent jobs (local or on a
-cluster) never read half a file, and two jobs writing the same entry write the same
-bytes. Files are written by a background thread while the backbone goes on; a batch just
-computed or verified is served from the process memo.
+:func:`anomaly_bench.fsutil.atomic_open`, so concurrent jobs (local or on a cluster)
+never read half a file, and two jobs writing the same entry write the same bytes.
+
+Where a batch comes from, in order: the process memo (:mod:`anomaly_bench.memo`), the
+entries still queued for writing (a background thread writes them while the backbone goes
+on; at most :data:`MAX_QUEUED_BATCHES` batches wait, so their memory stays bounded), the
+files, and only then the backbone. A job whose memo entries were evicted (a small
+``memory_cache_gb``, or a host short of memory) therefore reads the files; it never waits
+for the writer, and it runs the backbone only for images found nowhere, which the log
+says (:data:`STATS` counts the images of each source).
+
+Size: ``backbone.cache.max_gb`` caps the folder; after each written batch, when the
+folder has grown past the cap, the least recently used entries are removed (recency is
+the later of a file's access and modification time; reading an entry refreshes it).
+Entries vanishing under a job (removed by another job, or by ``--clear``) only make it
+recompute that batch. ``python -m anomaly_bench.cache_cli [DIR]`` (console script
+``anomaly-bench-cache``) shows a cache folder's size; ``--clear`` empties it and
+``--max-gb N`` trims it. When the host is short of memory, each entry written is handed
+to the kernel for writeback at once and dropped from the page cache.
 """
 
 from __future__ import annotations
@@ -26,13 +43,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from anomaly_bench.fsutil import atomic_write_bytes
+from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.memo import MEMO
 
 log = logging.getLogger("anomaly_bench")
@@ -64,18 +87,6 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def entry_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """The safetensors bytes of one entry: ``tensors`` and the record of each one's shape,
-    dtype and checksum, with the format version."""
-    from safetensors.torch import save
-
-    record = {"version": FORMAT_VERSION,
-              "tensors": {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype),
-                              "blake2b": tensor_digest(t)} for n, t in tensors.items()}}
-    return save(dict(tensors),
-                metadata={RECORD_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))})
 
 
 class BadEntry(Exception):
@@ -141,6 +152,95 @@ def read_entry(path: str | Path, names: Sequence[str],
     return out
 
 
+#: Batches whose entries may wait for the writer at once; a further store waits.
+MAX_QUEUED_BATCHES = 2
+#: After the cap is exceeded, entries are removed down to this fraction of it.
+TRIM_TO = 0.9
+#: A process refreshes the recency of an entry it keeps using at most this often (s).
+TOUCH_EVERY_S = 300.0
+#: Temp files older than this (s) are left over by a stopped writer and may be removed.
+STALE_TMP_S = 3600.0
+#: Temp files younger than this (s) may belong to a running writer: clearing keeps them.
+BUSY_TMP_S = 60.0
+GIB = 2**30
+
+_ENTRY = re.compile(r"[0-9a-f]{40}\.safetensors")
+_TMP = re.compile(r"\.[0-9a-f]{40}\.safetensors\..*\.tmp")
+_BACKBONE_DIR = re.compile(r"[0-9a-f]{16}")
+_SHARD_DIR = re.compile(r"[0-9a-f]{2}")
+
+
+def entry_size(blocks: Mapping[str, Sequence[int]]) -> int:
+    """Bytes of the tensors of one entry holding blocks of the given (C, h, w) shapes."""
+    return sum(4 * c * h * w for c, h, w in blocks.values())
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                       torch.uint8: "U8"}
+
+
+def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The safetensors header of an entry (length prefix included) and the tensor order."""
+    record = {"version": FORMAT_VERSION,
+              "tensors": {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                              "blake2b": tensor_digest(t)} for n, t in tensors.items()}}
+    order = sorted(tensors)
+    head: dict = {"__metadata__": {
+        RECORD_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}}
+    offset = 0
+    for n in order:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        head[n] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                   "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data on 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def entry_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of one entry: ``tensors`` and the record of each
+    one's shape, dtype and checksum, with the format version."""
+    head, order = _header(tensors)
+    return b"".join([head, *(_tensor_bytes(tensors[n]).tobytes() for n in order)])
+
+
+def write_entry(path: Path, tensors: Mapping[str, torch.Tensor],
+                release: bool = False) -> int:
+    """Write the entry :func:`entry_bytes` describes to ``path`` atomically, straight from
+    the tensors' memory; return its size in bytes.
+
+    ``release`` starts writing the file back at once and lets the kernel drop it from the
+    page cache (when memory is short, dirty cache files would otherwise hold memory until
+    the kernel gets to them)."""
+    head, order = _header(tensors)
+    size = len(head)
+    with atomic_open(path, "wb", durable=False) as fh:
+        fh.write(head)
+        for n in order:
+            data = _tensor_bytes(tensors[n])
+            fh.write(data)
+            size += data.nbytes
+        if release and hasattr(os, "posix_fadvise"):
+            fh.flush()
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return size
+
+
+def _memory_short() -> bool:
+    """True when the host has less than twice the memo's reserve available."""
+    from anomaly_bench.memo import host_available, host_reserve
+
+    available = host_available()
+    return available is not None and available < 2 * host_reserve()
+
+
 def _discard(path: Path, seen: os.stat_result) -> None:
     """Remove ``path`` unless another job has replaced it since it was read."""
     try:
@@ -151,21 +251,77 @@ def _discard(path: Path, seen: os.stat_result) -> None:
         pass
 
 
+@dataclass
+class CacheStats:
+    """Images served per source since the last :func:`reset_stats`, and the cache folders
+    (roots) used."""
+
+    memory: int = 0
+    disk: int = 0
+    computed: int = 0
+    roots: set[str] = field(default_factory=set)
+
+    @property
+    def used(self) -> bool:
+        return bool(self.memory or self.disk or self.computed)
+
+    def describe(self) -> str:
+        """One sentence for the log, e.g. ``64 images from memory, 0 from disk, 0 through
+        the backbone``."""
+        text = (f"{self.memory} images from memory, {self.disk} from disk, "
+                f"{self.computed} through the backbone")
+        if self.computed:
+            text += " (in neither memory nor the cache folder)"
+        return text
+
+
+#: Process-wide counters, reset at the start of each job (report/callbacks.py).
+STATS = CacheStats()
+
+
+def reset_stats() -> CacheStats:
+    """Start counting anew; return the counts so far."""
+    global STATS
+    old, STATS = STATS, CacheStats()
+    return old
+
+
+#: Size cap in bytes per cache root (absolute path), set from ``backbone.cache.max_gb``.
+_MAX_BYTES: dict[str, int | None] = {}
+
+
+def _root_key(root: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def set_max_gb(root: str | os.PathLike, max_gb: float | None) -> None:
+    """Cap the folder ``root`` at ``max_gb`` GiB (None: no cap) for caches opened on it
+    without a cap of their own."""
+    _MAX_BYTES[_root_key(root)] = None if max_gb is None else int(float(max_gb) * GIB)
+
+
 class FeatureCache:
     """Per-image safetensors files ``<root>/<backbone key>/<ab>/<image key>.safetensors``.
 
     Each holds every block output of one image as an (h, w, C) float32 tensor (the
     channels-last layout the extractor returns), so reading back needs no transposition.
+    ``max_gb`` caps the size of ``root`` (default: the cap :func:`set_max_gb` set for
+    it, else none).
     """
 
-    def __init__(self, root: str | Path, backbone_id: str) -> None:
+    def __init__(self, root: str | Path, backbone_id: str, max_gb: float | None = None
+                 ) -> None:
         import timm
 
         ident = f"{backbone_id}|torch={torch.__version__}|timm={timm.__version__}|hwc"
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-        self.dir = Path(root).expanduser() / digest
+        self.root = Path(root).expanduser()
+        self.dir = self.root / digest
+        self.max_bytes = (int(max_gb * GIB) if max_gb is not None
+                          else _MAX_BYTES.get(_root_key(self.root)))
         self.hits = 0
         self.misses = 0
+        self._told = False
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -177,68 +333,121 @@ class FeatureCache:
 
         ``shapes[name]`` is the (C, h, w) each image's tensor must have (None in a
         dimension leaves it unchecked); the entries of a batch must also agree.
-        Every entry read from disk is verified (:func:`read_entry`); one that fails is
-        removed with a warning naming the file and the fault. A batch read before in this
-        process (or just stored) comes from the process memo (:mod:`anomaly_bench.memo`)
-        without touching the disk.
+        A batch read before in this process (or just stored) comes from the process memo
+        without touching the disk; an image whose entry is still queued for writing comes
+        from the writer's queue. Every entry read from disk is verified
+        (:func:`read_entry`); one that fails is removed with a warning naming the file and
+        the fault. An entry that vanishes meanwhile (removed by another job) only makes
+        the batch a miss.
         """
         batch = tuple(keys)
+        STATS.roots.add(_root_key(self.root))
+        paths = [self._path(k) for k in keys]
         held = {n: MEMO.get(("features", str(self.dir), batch, n)) for n in names}
         if all(v is not None for v in held.values()):
             self.hits += len(keys)
+            STATS.memory += len(keys)
+            _touch(paths)
             return held
-        flush_writes()  # entries still being written count as stored
-        paths = [self._path(k) for k in keys]
-        if not all(p.is_file() for p in paths):
-            self.misses += len(keys)
-            return None
         # stored layout is (h, w, C); after the first entry the batch must match it
         want: dict[str, Shape | None] = {n: None for n in names}
         for n, (c, h, w) in (shapes or {}).items():
             if n in want:
                 want[n] = (h, w, c)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        queued = 0
         for p in paths:
-            try:
-                seen = p.stat()
-                tensors = read_entry(p, names, want)
-            except BadEntry as bad:
-                log.warning("feature cache: discarding %s: %s; recomputing its batch", p, bad)
-                _discard(p, seen)
-                self.misses += len(keys)
-                return None
-            except OSError:  # removed by another job meanwhile: recompute
-                self.misses += len(keys)
-                return None
+            tensors = _queued(p, names)
+            if tensors is not None:
+                queued += 1
+            else:
+                try:
+                    seen = p.stat()
+                    tensors = read_entry(p, names, want)
+                except BadEntry as bad:
+                    log.warning("feature cache: discarding %s: %s; recomputing its batch",
+                                p, bad)
+                    _discard(p, seen)
+                    return self._miss(len(keys), f"{p} was damaged")
+                except OSError:  # absent, or removed by another job meanwhile
+                    return self._miss(len(keys), f"not in memory nor in {self.dir}")
             for n, t in tensors.items():
                 out[n].append(t)
                 want[n] = tuple(t.shape)
         self.hits += len(keys)
+        STATS.memory += queued
+        STATS.disk += len(keys) - queued
+        _touch(paths, force=True)
         # (B, h, w, C) storage seen as (B, C, h, w) in the channels-last format
         stacked = {n: torch.stack(v).permute(0, 3, 1, 2) for n, v in out.items()}
         self._remember(batch, stacked)
         return stacked
 
+    def _miss(self, n: int, why: str) -> None:
+        self.misses += n
+        STATS.computed += n
+        # the first miss of a job is worth a line; the job's totals follow at its end
+        (log.debug if self._told else log.info)(
+            "feature cache: running the backbone on a batch of %d images (%s)", n, why)
+        self._told = True
+        return None
+
     def store(self, keys: Sequence[str], blocks: dict[str, torch.Tensor]) -> None:
         """Write one entry per image holding every block output given (B, ...) each.
 
-        The batch is served from the process memo at once; the files are written by a
-        background thread while the caller computes on (:func:`flush_writes` waits).
+        The batch is served from the process memo and the writer's queue at once; the
+        files are written by a background thread while the caller computes on
+        (:func:`flush_writes` waits). With :data:`MAX_QUEUED_BATCHES` batches queued,
+        this waits for the oldest.
         """
         cpu = {n: t.detach().to(DTYPE).cpu() for n, t in blocks.items()}
         self._remember(tuple(keys), cpu)
-        _PENDING.append(_writer().submit(self._write, list(keys), cpu))
+        paths = [self._path(k) for k in keys]
+        with _LOCK:
+            for i, p in enumerate(paths):
+                _QUEUED[p] = (cpu, i)
+        _submit(self._write, paths, cpu)
 
-    def _write(self, keys: list[str], cpu: dict[str, torch.Tensor]) -> None:
-        for i, key in enumerate(keys):
-            path = self._path(key)
-            data = entry_bytes({n: t[i].permute(1, 2, 0).contiguous() for n, t in cpu.items()})
-            try:
-                atomic_write_bytes(path, data, durable=False)
-            except OSError as exc:  # the cache only saves time: report it, go on without
-                log.warning("feature cache: cannot write %s (%s); later runs will recompute "
-                            "these block outputs (backbone.cache.dir=%s)", path, exc, self.dir)
-                return
+    def _write(self, paths: list[Path], cpu: dict[str, torch.Tensor]) -> None:
+        written = 0
+        try:
+            for i, path in enumerate(paths):
+                tensors = {n: t[i].permute(1, 2, 0) for n, t in cpu.items()}
+                try:
+                    try:
+                        written += write_entry(path, tensors, release=_memory_short())
+                    except FileNotFoundError:  # its folder was removed meanwhile (a clear)
+                        written += write_entry(path, tensors, release=_memory_short())
+                except (OSError, MemoryError) as exc:  # the cache only saves time
+                    log.warning("feature cache: cannot write %s (%s); later runs will "
+                                "recompute these block outputs (backbone.cache.dir=%s)",
+                                path, exc, self.root)
+                    return
+                finally:
+                    _unqueue(path, cpu)
+        finally:
+            for path in paths:
+                _unqueue(path, cpu)
+            if written:
+                _USED.update(dict.fromkeys(map(str, paths), time.monotonic()))
+                self._keep_under_cap(written)
+
+    def _keep_under_cap(self, written: int) -> None:
+        """Remove least recently used entries once ``root`` has grown past the cap."""
+        if self.max_bytes is None:
+            return
+        key = _root_key(self.root)
+        size = _SIZE.get(key)
+        size = folder_size(self.root) if size is None else size + written
+        if size > self.max_bytes:
+            removed = trim(self.root, int(self.max_bytes * TRIM_TO))
+            size = removed.kept_bytes
+            if removed.entries:
+                log.info("feature cache: removed the %d least recently used entries "
+                         "(%.2f GiB) to keep %s under backbone.cache.max_gb=%g",
+                         removed.entries, removed.bytes / GIB, self.root,
+                         self.max_bytes / GIB)
+        _SIZE[key] = size
 
     def _remember(self, batch: tuple[str, ...], stacked: dict[str, torch.Tensor]) -> None:
         for n, t in stacked.items():
@@ -246,7 +455,49 @@ class FeatureCache:
 
 
 _EXECUTOR: ThreadPoolExecutor | None = None
-_PENDING: list[Future] = []
+_LOCK = threading.Lock()
+#: Entries waiting for the writer: path -> (the batch's (B, C, h, w) blocks, index).
+_QUEUED: dict[Path, tuple[dict[str, torch.Tensor], int]] = {}
+_PENDING: deque[Future] = deque()
+#: Size in bytes of each cache root as last scanned, plus what this process wrote since.
+_SIZE: dict[str, int] = {}
+#: Entries this process wrote or read, with when (``time.monotonic``).
+_USED: dict[str, float] = {}
+_warned_cap = False
+
+
+def _queued(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """The (h, w, C) tensors ``names`` of an entry still waiting for the writer, or None."""
+    with _LOCK:
+        item = _QUEUED.get(path)
+    if item is None:
+        return None
+    blocks, i = item
+    if not all(n in blocks for n in names):
+        return None
+    return {n: blocks[n][i].permute(1, 2, 0) for n in names}
+
+
+def _unqueue(path: Path, cpu: dict[str, torch.Tensor]) -> None:
+    with _LOCK:
+        item = _QUEUED.get(path)
+        if item is not None and item[0] is cpu:
+            del _QUEUED[path]
+
+
+def _touch(paths: Sequence[Path], force: bool = False) -> None:
+    """Mark entries as used now (their modification time), for least-recently-used
+    removal; entries read from memory are refreshed at most every TOUCH_EVERY_S."""
+    now = time.monotonic()
+    for p in paths:
+        key = str(p)
+        if not force and now - _USED.get(key, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+            continue
+        _USED[key] = now
+        try:
+            os.utime(p)
+        except OSError:  # still queued, or removed meanwhile
+            pass
 
 
 def _writer() -> ThreadPoolExecutor:
@@ -257,7 +508,159 @@ def _writer() -> ThreadPoolExecutor:
     return _EXECUTOR
 
 
+def _submit(fn, *args) -> None:
+    while _PENDING and _PENDING[0].done():
+        _PENDING.popleft().result()
+    while len(_PENDING) >= MAX_QUEUED_BATCHES:
+        _PENDING.popleft().result()
+    _PENDING.append(_writer().submit(fn, *args))
+
+
 def flush_writes() -> None:
     """Wait until every cache entry stored so far is on disk."""
     while _PENDING:
-        _PENDING.pop(0).result()
+        _PENDING.popleft().result()
+
+
+# --- the folder: size, least-recently-used removal, clearing ----------------------------
+
+@dataclass
+class Entry:
+    path: Path
+    size: int
+    used: float  # the later of access and modification time
+    temp: bool = False
+
+
+def entries(root: str | os.PathLike) -> Iterator[Entry]:
+    """The entry files (and writers' temp files) under a cache root. Only files named as
+    the cache names them, two folders down, are listed; files vanishing meanwhile are
+    skipped."""
+    root = Path(root).expanduser()
+    for top in _subdirs(root, _BACKBONE_DIR):
+        for shard in _subdirs(top, _SHARD_DIR):
+            try:
+                listing = list(os.scandir(shard))
+            except OSError:
+                continue
+            for item in listing:
+                temp = bool(_TMP.fullmatch(item.name))
+                if not (temp or _ENTRY.fullmatch(item.name)):
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if item.is_file(follow_symlinks=False):
+                    yield Entry(Path(item.path), st.st_size, max(st.st_atime, st.st_mtime),
+                                temp)
+
+
+def _subdirs(folder: Path, name: re.Pattern) -> list[Path]:
+    try:
+        return [Path(d.path) for d in os.scandir(folder)
+                if name.fullmatch(d.name) and d.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def folder_size(root: str | os.PathLike) -> int:
+    """Bytes held by the entries under a cache root."""
+    return sum(e.size for e in entries(root))
+
+
+@dataclass
+class Removed:
+    entries: int = 0
+    bytes: int = 0
+    temp_files: int = 0
+    kept_entries: int = 0
+    kept_bytes: int = 0
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except OSError:  # removed by another job meanwhile, or not ours to remove
+        return False
+
+
+def trim(root: str | os.PathLike, max_bytes: int) -> Removed:
+    """Remove the least recently used entries under ``root`` until at most ``max_bytes``
+    remain, and writers' temp files older than STALE_TMP_S."""
+    global _warned_cap
+    out = Removed()
+    now = time.time()
+    kept = []
+    for e in entries(root):
+        if e.temp:
+            if now - e.used > STALE_TMP_S and _unlink(e.path):
+                out.temp_files += 1
+        else:
+            kept.append(e)
+    kept.sort(key=lambda e: e.used)
+    total = sum(e.size for e in kept)
+    recent = 0
+    while kept and total > max_bytes:
+        e = kept.pop(0)
+        total -= e.size
+        if _unlink(e.path):
+            out.entries += 1
+            out.bytes += e.size
+            recent += str(e.path) in _USED
+    out.kept_entries, out.kept_bytes = len(kept), total
+    if recent and not _warned_cap:
+        _warned_cap = True
+        log.warning("feature cache: the cap removes entries this process uses (%d here): "
+                    "the cap (%.2f GiB) is smaller than what this run reuses; raise "
+                    "backbone.cache.max_gb to read them instead of recomputing them",
+                    recent, max_bytes / TRIM_TO / GIB)
+    return out
+
+
+def clear(root: str | os.PathLike) -> Removed:
+    """Remove every entry under a cache root, the temp files not written to for a minute
+    (younger ones belong to a running writer), then the empty folders."""
+    root = Path(root).expanduser()
+    out = Removed()
+    now = time.time()
+    for e in entries(root):
+        if e.temp and now - e.used < BUSY_TMP_S:
+            continue
+        if _unlink(e.path):
+            if e.temp:
+                out.temp_files += 1
+            else:
+                out.entries += 1
+                out.bytes += e.size
+    for top in _subdirs(root, _BACKBONE_DIR):
+        for shard in _subdirs(top, _SHARD_DIR):
+            _rmdir(shard)
+        _rmdir(top)
+    _SIZE.pop(_root_key(root), None)
+    return out
+
+
+def _rmdir(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another job writes into it) or gone
+        pass
+
+
+def describe(root: str | os.PathLike) -> str:
+    """Where a cache folder is and what it holds, in one line."""
+    found = list(entries(root))
+    size = sum(e.size for e in found if not e.temp)
+    n = sum(1 for e in found if not e.temp)
+    return f"{Path(root).expanduser().resolve()}: {n} entries, {size / GIB:.2f} GiB"
+
+
+def default_dir() -> Path:
+    """The default ``backbone.cache.dir``: $ANOMALY_BENCH_CACHE, else
+    ``<data_root>/.cache/features`` with data_root $ANOMALY_BENCH_DATA or ``data``."""
+    env = os.environ.get("ANOMALY_BENCH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("ANOMALY_BENCH_DATA", "data")).expanduser() / ".cache/features"

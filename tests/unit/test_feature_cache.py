@@ -270,3 +270,227 @@ def test_entry_of_another_format_is_discarded(tmp_path: Path, caplog, no_memo,
     paths[0].write_bytes(save(load_file(paths[0]), metadata=meta))
     _assert_discarded(tmp_path, keys, paths[0], caplog, "format")
     _assert_recomputed(tmp_path, images, paths, caplog)
+
+
+# --- where a batch comes from, and what the log says ------------------------------------
+
+def test_without_the_memo_queued_then_written_entries_are_read_not_recomputed(
+        tmp_path: Path, caplog, no_memo, monkeypatch):
+    """A job that cannot use the memo takes entries still waiting for the writer from its
+    queue, and written ones from disk; only the first job runs the backbone, and the log
+    says so."""
+    import threading
+
+    from anomaly_bench.backbones import cache as fc
+
+    gate = threading.Event()
+    write = fc.write_entry
+    monkeypatch.setattr(fc, "write_entry", lambda *a, **k: gate.wait(60) and write(*a, **k))
+    images = _images()[:2]
+
+    def extract(ex):
+        with torch.inference_mode():
+            return ex(images)
+
+    def network_free():
+        ex = _extractor(tmp_path)
+        ex.stem = None  # a batch served from the cache never touches the network
+        return ex
+
+    fc.reset_stats()
+    try:
+        with caplog.at_level(logging.INFO, logger="anomaly_bench"):
+            first = extract(_extractor(tmp_path))
+        assert "running the backbone on a batch of 2 images" in caplog.text
+        assert (fc.STATS.memory, fc.STATS.disk, fc.STATS.computed) == (0, 0, 2)
+        queued = extract(network_free())  # nothing written yet: served from the queue
+        assert (fc.STATS.memory, fc.STATS.disk, fc.STATS.computed) == (2, 0, 2)
+    finally:
+        gate.set()
+        fc.flush_writes()
+    stored = extract(network_free())
+    assert (fc.STATS.memory, fc.STATS.disk, fc.STATS.computed) == (2, 2, 2)
+    assert fc.STATS.describe() == ("2 images from memory, 2 from disk, 2 through the "
+                                   "backbone (in neither memory nor the cache folder)")
+    for stage in LAYERS:
+        assert torch.equal(queued[stage], first[stage])
+        assert torch.equal(stored[stage], first[stage])
+
+
+def test_callback_logs_each_job_and_reports_the_folder_at_the_end(tmp_path: Path, caplog,
+                                                                   capsys, no_memo):
+    from omegaconf import OmegaConf
+
+    from anomaly_bench.report.callbacks import SweepSummary
+
+    root = tmp_path / "cache"
+    (tmp_path / "sweep").mkdir()
+    cfg = OmegaConf.create({"backbone": {"cache": {"enabled": True, "dir": str(root),
+                                                   "max_gb": 5}},
+                            "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    callback = SweepSummary()
+    images = _images()[:2]
+    with caplog.at_level(logging.INFO, logger="anomaly_bench"):
+        for _ in range(2):
+            callback.on_job_start(cfg)
+            _extract(root, images)
+            callback.on_job_end(cfg)
+        callback.on_multirun_end(cfg)
+    jobs = [m for m in caplog.messages if m.startswith("feature cache: 0 images")]
+    assert jobs == ["feature cache: 0 images from memory, 0 from disk, 2 through the backbone "
+                    "(in neither memory nor the cache folder)",
+                    "feature cache: 0 images from memory, 2 from disk, 0 through the backbone"]
+    printed = capsys.readouterr().out
+    assert f"feature cache: {root.resolve()}: 2 entries" in printed
+    assert "(backbone.cache.max_gb=5)" in printed and "--clear" in printed
+
+
+# --- size cap, least recently used first, concurrent jobs -------------------------------
+
+def _fake_entries(root: Path, n: int, size: int) -> list[Path]:
+    """``n`` files named as entries, ``size`` bytes each, used one second apart (oldest
+    first)."""
+    import hashlib
+    import time
+
+    now = time.time()
+    out = []
+    for i in range(n):
+        key = hashlib.sha1(str(i).encode()).hexdigest()
+        p = root / "0123456789abcdef" / key[:2] / f"{key}.safetensors"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * size)
+        os.utime(p, (now - 100 + i, now - 100 + i))
+        out.append(p)
+    return out
+
+
+def test_trim_removes_least_recently_used_entries_only(tmp_path: Path):
+    import time
+
+    from anomaly_bench.backbones.cache import folder_size, trim
+
+    paths = _fake_entries(tmp_path, 6, 1000)
+    now = time.time()
+    os.utime(paths[0], (now, now))  # the oldest entry was read last
+    stale = paths[1].parent / f".{paths[1].name}.abc.tmp"  # left by a stopped writer
+    stale.write_bytes(b"partial")
+    os.utime(stale, (now - 7200, now - 7200))
+    foreign = [tmp_path / "notes.txt", paths[1].parent / "other.bin",
+               tmp_path / "not-a-backbone" / "ab" / paths[2].name]
+    for f in foreign:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"keep me")
+    removed = trim(tmp_path, 3000)
+    assert {p for p in paths if p.exists()} == {paths[0], paths[4], paths[5]}
+    assert (removed.entries, removed.bytes, removed.temp_files) == (3, 3000, 1)
+    assert folder_size(tmp_path) == 3000 and all(f.exists() for f in foreign)
+
+
+def test_cache_stays_under_its_cap_and_keeps_what_was_read_last(tmp_path: Path, no_memo,
+                                                                 monkeypatch):
+    """Three single-image batches through a cache capped at 2.5 entries: the entry read
+    again survives, the one not read since it was written goes."""
+    import time
+
+    from anomaly_bench.backbones import cache as fc
+
+    monkeypatch.setattr(fc, "_MAX_BYTES", {})
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    a, b, c = (images[i: i + 1] for i in range(3))
+    _extract(tmp_path / "probe", a)
+    size = fc.folder_size(tmp_path / "probe")
+    fc.set_max_gb(tmp_path, 2.5 * size / fc.GIB)
+    _extract(tmp_path, a)
+    _extract(tmp_path, b)
+    path = {x: _extractor(tmp_path).cache._path(fc.image_key(x[0])) for x in (a, b, c)}
+    now = time.time()
+    os.utime(path[a], (now - 20, now - 20))  # a written first, b later
+    os.utime(path[b], (now - 10, now - 10))
+    reader = _extractor(tmp_path)
+    reader.stem = None
+    with torch.inference_mode():
+        reader(a)  # read from disk: a becomes the most recently used
+    _extract(tmp_path, c)  # a third entry exceeds the cap
+    assert path[a].exists() and path[c].exists() and not path[b].exists()
+    assert fc.folder_size(tmp_path) <= 2.5 * size
+
+
+def test_entries_vanishing_under_a_job_only_make_it_recompute(tmp_path: Path, caplog,
+                                                              no_memo, monkeypatch):
+    """An entry removed between listing and reading (by another job's cap or a clear) is a
+    miss, not an error and not a damaged entry; removers racing each other and a reader
+    never fail either."""
+    import threading
+
+    from anomaly_bench.backbones import cache as fc
+
+    images, keys, _ = _populate(tmp_path)
+    want = _extract(None, images)
+    read = fc.read_entry
+
+    def vanish_then_read(path, *args, **kwargs):
+        Path(path).unlink(missing_ok=True)
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(fc, "read_entry", vanish_then_read)
+    with caplog.at_level(logging.WARNING, logger="anomaly_bench"):
+        assert _extractor(tmp_path).cache.load(keys, NAMES) is None
+        got = _extract(tmp_path, images)  # recomputed and stored again
+    assert not _warnings(caplog)
+    monkeypatch.setattr(fc, "read_entry", read)
+    for stage in LAYERS:
+        assert torch.equal(got[stage], want[stage])
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def remover(clear: bool) -> None:
+        try:
+            while not stop.is_set():
+                fc.clear(tmp_path) if clear else fc.trim(tmp_path, 0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=remover, args=(i % 2 == 0,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            got = _extract(tmp_path, images)
+            for stage in LAYERS:
+                assert torch.equal(got[stage], want[stage])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors and not _warnings(caplog)
+
+
+def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, capsys):
+    import subprocess
+    import sys
+
+    from anomaly_bench.cache_cli import main
+
+    _, _, paths = _populate(tmp_path)
+    size = sum(p.stat().st_size for p in paths)
+    stale = paths[0].parent / f".{paths[0].name}.x.tmp"  # left by a stopped writer
+    stale.write_bytes(b"partial")
+    os.utime(stale, (stale.stat().st_mtime - 120,) * 2)
+    busy = paths[1].parent / f".{paths[1].name}.y.tmp"  # a writer is filling it now
+    busy.write_bytes(b"partial")
+    foreign = [tmp_path / "notes.txt", paths[0].parent / "other.bin"]
+    for f in foreign:
+        f.write_text("keep me")
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (f"{tmp_path.resolve()}: 2 entries, "
+                                       f"{size / 2**30:.2f} GiB\n")
+    assert main(["--clear", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (f"removed 2 entries ({size / 2**30:.2f} GiB) and 1 "
+                                       f"temp files from {tmp_path.resolve()}\n")
+    assert not any(p.exists() for p in paths) and not stale.exists() and busy.exists()
+    assert all(f.exists() for f in foreign)
+    done = subprocess.run([sys.executable, "-m", "anomaly_bench.cache_cli", "--clear",
+                           str(tmp_path)], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("removed 0 entries") and not done.stderr

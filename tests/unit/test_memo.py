@@ -9,7 +9,9 @@ from anomaly_bench.memo import MEMO, Memo, nbytes
 
 
 @pytest.fixture(autouse=True)
-def fresh_memo():
+def fresh_memo(monkeypatch):
+    """An empty process memo with room, on a host that is not short of memory."""
+    monkeypatch.setattr("anomaly_bench.memo.host_available", lambda: None)
     MEMO.clear()
     MEMO.configure(1 << 30)
     yield
@@ -27,6 +29,40 @@ def test_lru_evicts_least_recent_by_bytes():
     assert memo.get("huge") is None and memo.size <= memo.budget
     memo.configure(0)
     assert memo.size == 0 and memo.get("a") is None
+
+
+def test_small_entries_outlive_larger_ones():
+    """An entry worth little memory and costly to redo (an alignment's decisions) is
+    evicted only after every larger one."""
+    memo = Memo(budget=3 * 2**20)
+    memo.put("align", {"turns": {"a.png": 1}})  # no tensors
+    for k in "abcd":
+        memo.put(k, torch.zeros(2**18))  # 1 MiB each
+    assert memo.get("align") is not None
+    assert memo.get("a") is None and memo.get("d") is not None
+    memo.configure(2**10)
+    assert memo.get("d") is None and memo.get("align") is not None
+    memo.configure(0)
+    assert memo.get("align") is None and memo.size == 0
+
+
+def test_memo_gives_memory_back_when_the_host_is_short():
+    available = [10 * 2**20]
+    memo = Memo(budget=2**30, available=lambda: available[0], reserve=4 * 2**20)
+    for k in "abc":
+        memo.put(k, torch.zeros(2**18))  # 1 MiB each, the host has room
+    assert memo.size == 3 * 2**20 and memo.shed_bytes == 0
+    available[0] = 2 * 2**20 + 100  # just under 2 MiB short of the reserve
+    memo.put("d", torch.zeros(2**18))
+    assert memo.get("a") is None and memo.get("b") is None  # the two least recent
+    assert memo.get("c") is not None and memo.get("d") is not None
+    assert memo.shed_bytes == 2 * 2**20
+    available[0] = 0  # more than the memo holds: it empties and keeps nothing new
+    memo.put("e", torch.zeros(2**18))
+    assert memo.size == 0 and memo.get("e") is None and memo.declined == 1
+    available[0] = None  # unknown: only the budget bounds it
+    memo.put("f", torch.zeros(2**18))
+    assert memo.get("f") is not None
 
 
 def test_get_or_compute_computes_once():
