@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce both PaDiM layer-selection tables of the screw study (seeds/002):
 # 72 block combinations of WideResNet50-2 layer1-3, without and with ORB 90-degree
-# alignment. Each sweep leaves summary.csv and summary.md at its sweep root.
+# alignment, then the two side by side. Each sweep leaves summary.csv, summary.md and
+# figures/ (training images, best and default settings) at its sweep root; comparison.md
+# beside the two sweep roots shows their top settings and every setting in both.
 #
 #   scripts/padim_screw_tables.sh [DATA_ROOT] [extra Hydra overrides...]
 #
@@ -11,10 +13,13 @@
 set -euo pipefail
 DATA_ROOT="${1:-${ANOMALY_BENCH_DATA:-data}}"
 shift || true
-STAMP="$(date +%Y-%m-%d/%H-%M-%S)"
+OUT="outputs/multirun/$(date +%Y-%m-%d/%H-%M-%S)"
 for exp in padim_screw_layers padim_screw_layers_orb90; do
   anomaly-bench -m "experiment=${exp}" "data_root=${DATA_ROOT}" \
-    "hydra.sweep.dir=outputs/multirun/${STAMP}/${exp}" "$@"
-  echo "== ${exp}: outputs/multirun/${STAMP}/${exp}/summary.md"
-  cat "outputs/multirun/${STAMP}/${exp}/summary.md"
+    "hydra.sweep.dir=${OUT}/${exp}" "$@"
+  echo "== ${exp}: ${OUT}/${exp}/summary.md"
 done
+python -m anomaly_bench.report.summary "${OUT}/padim_screw_layers" \
+  --compare "${OUT}/padim_screw_layers_orb90" --out "${OUT}/comparison.md" >/dev/null
+echo "== plain and ORB-aligned side by side: ${OUT}/comparison.md"
+cat "${OUT}/comparison.md"

@@ -217,3 +217,101 @@ def test_texture_presets_compose_the_source_versions():
     assert got[4] == ("fast", "wide_resnet50_2", True, 320, -1, None)
     assert got[5] == ("fast", "resnet50", True, 320, -1, None)  # slim bottlenecks
     assert got[6] == ("fast", "wide_resnet50_2", True, 1024, -1, None)
+
+
+def _textured_overlays(n: int = 16, size: int = 224):
+    """Images like photographs of textures (stripes, per-pixel noise), smooth maps, masks."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        stripes = 128 + 60 * np.sin((xx + yy * (0.5 + i / n)) / 3.0)
+        noisy = stripes[..., None] * np.array([1.0, 0.8, 0.6]) + rng.normal(0, 12, (size, size, 3))
+        images[i] = np.clip(noisy, 0, 255).astype(np.uint8)
+    maps = np.stack([ndimage.gaussian_filter(rng.random((size, size)), 6) for _ in range(n)])
+    masks = maps > np.quantile(maps, 0.97, axis=(1, 2), keepdims=True)
+    return images, maps, masks
+
+
+def _column_runs(img: np.ndarray) -> list[tuple[int, int]]:
+    """(start, width) of the runs of columns that are drawn (not white) in 80% of the rows
+    between the first and the last drawn row: tiles and colour bar, not the gaps."""
+    drawn = (img < 250).any(axis=-1)
+    rows = np.flatnonzero(drawn.any(axis=1))
+    full = drawn[rows[0] : rows[-1] + 1].mean(axis=0) >= 0.8
+    edges = np.flatnonzero(np.diff(np.r_[0, full.astype(int), 0]))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def test_overlay_grid_is_titled_tight_slim_and_small(tmp_path):
+    images, maps, masks = _textured_overlays()
+    titles = [f"crack · {i}" for i in range(16)]
+    path = plots.plot_overlay_grid(tmp_path / "grid.png", images, maps, masks, titles,
+                                   float(maps.min()), float(maps.max()),
+                                   title="padim · synthetic/stripes")
+    assert path.stat().st_size < 400_000, path.stat().st_size
+    img = _rgb(path)
+    w = img.shape[1]
+    runs = _column_runs(img)
+    # four tile columns (image, map, image, map) and the colour bar, edge to edge
+    assert len(runs) == 5, runs
+    tiles, bar = runs[:4], runs[4]
+    assert all(125 <= width <= 145 for _, width in tiles), tiles  # 1.5 in at 90 dpi
+    assert bar[1] <= 12, bar  # a slim bar
+    assert tiles[0][0] <= 10 and w - (bar[0] + bar[1]) < 80  # no wide margins
+    assert sum(width for _, width in tiles) > 0.85 * w
+    # the title: black text above the first tiles; none without a title
+    first_tile_row = int(np.flatnonzero((img[:, tiles[0][0] + 5] < 250).any(axis=-1)).min())
+    assert (img[:18].max(axis=-1) < 40).sum() > 100
+    untitled = _rgb(plots.plot_overlay_grid(tmp_path / "plain.png", images, maps, masks, titles,
+                                            float(maps.min()), float(maps.max())))
+    assert (untitled[:18].max(axis=-1) < 40).sum() == 0
+    assert first_tile_row > 30
+
+
+def _captured(monkeypatch) -> list:
+    """Figures passed to plots._save (still open when recorded)."""
+    seen = []
+    save = plots._save
+
+    def record(fig, path, **kw):
+        fig.canvas.draw()
+        seen.append({"axes": fig.axes, "ticks": [(list(a.get_xticks()), list(a.get_yticks()))
+                                                 for a in fig.axes]})
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return seen
+
+
+def test_score_histograms_count_whole_images(tmp_path, monkeypatch):
+    seen = _captured(monkeypatch)
+    rng = np.random.default_rng(1)
+    scores = np.r_[rng.normal(0, 1, 12), rng.normal(3, 1, 18)]  # 30 images, as a test set
+    labels = np.r_[np.zeros(12, int), np.ones(18, int)]
+    plots.plot_score_histogram(tmp_path / "hist.png", scores, labels, "padim · x")
+    plots.plot_score_scatter(tmp_path / "scatter.png", scores, labels, "padim · x")
+    hist_ax = seen[0]["axes"][0]
+    _, yticks = seen[0]["ticks"][0]
+    assert yticks and all(float(t).is_integer() for t in yticks), yticks
+    heights = [p.get_height() for p in hist_ax.patches]
+    assert sum(heights) == 30 and all(float(v).is_integer() for v in heights)
+    n_bins = len(hist_ax.patches) // 2
+    assert 5 <= n_bins <= 10, n_bins  # not 30 bins for 30 images
+    side_xticks, _ = seen[1]["ticks"][1]  # the scatter's marginal histogram counts images
+    assert all(float(t).is_integer() for t in side_xticks), side_xticks
+
+
+def test_long_plot_titles_wrap_inside_the_figure(tmp_path):
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    scores = labels + np.linspace(0, 0.5, 20)
+    short = _rgb(plots.plot_roc(tmp_path / "short.png", scores, labels, "padim · x"))
+    title = ("padim · rotated_part · layers.layer1=0, layers.layer2=3, layers.layer3=1, "
+             "alignment.reference=null, alignment.ratio=0.75")
+    long = _rgb(plots.plot_roc(tmp_path / "long.png", scores, labels, title))
+    assert long.shape[1] <= short.shape[1] * 1.05  # as wide as the figure, not the title
+    assert long.shape[0] > short.shape[0] + 20  # the title took more lines instead
+    scatter = _rgb(plots.plot_score_scatter(tmp_path / "scatter.png", scores, labels, title))
+    assert scatter.shape[1] <= 6.4 * 150 * 1.02
