@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from anomaly_bench.backbones.base import Backbone
+from anomaly_bench.backbones.vit import TokenGridBackbone
 from anomaly_bench.backbones.weights import (
     hub_access,
     load_into,
@@ -72,7 +72,7 @@ def create_clip_model(name: str, hub_tag: str | None, pretrained: bool, weights:
     return model.eval().requires_grad_(False), tag
 
 
-class ClipBackbone(Backbone):
+class ClipBackbone(TokenGridBackbone):
     """Patch-token maps ``{"block<i>": (B, C, h, w)}`` of CLIP's image tower, plus the
     joint image and text embeddings."""
 
@@ -85,16 +85,7 @@ class ClipBackbone(Backbone):
         self.model, self.weights_tag = create_clip_model(name, hub_tag, pretrained, weights,
                                                          seed, image_size)
         visual = self.model.visual
-        n = len(visual.transformer.resblocks)
-        picked = []
-        for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or not -n <= b < n:
-                raise ConfigError(f"layers.blocks holds {b!r}: {name}'s image tower has {n} "
-                                  f"blocks (use 0..{n - 1}, or -1 for the last).")
-            picked.append(b % n)
-        if not picked:
-            raise ConfigError("layers.blocks is empty: name at least one transformer block.")
-        self.selection = sorted(set(picked))
+        self._select(blocks, len(visual.transformer.resblocks), f"{name}'s image tower")
         self.name = name
         self.backbone_id = f"open_clip:{name}@{image_size}|{self.weights_tag}"
         pre = getattr(visual, "preprocess_cfg", {}) or {}
@@ -109,27 +100,16 @@ class ClipBackbone(Backbone):
         self._tokenizer = _open_clip().get_tokenizer(name)
         self.eval().requires_grad_(False)
 
-    @property
-    def block_names(self) -> dict[str, str]:
-        return {f"block{i}": f"blocks.{i}" for i in self.selection}
-
-    @property
-    def tag(self) -> str:
-        return "+".join(f"blocks.{i}" for i in self.selection)
-
-    def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
+    def _intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         if tuple(images.shape[-2:]) != (self.fixed_size, self.fixed_size):
             raise ConfigError(
                 f"backbone {self.name} takes {self.fixed_size} px images but got "
                 f"{tuple(images.shape[-2:])}: set resolution.size/crop to {self.fixed_size} "
                 "(or backbone.image_size to the size you want)."
             )
-        indices = list(range(self.selection[-1] + 1)) if every_block else self.selection
-        out = self.model.visual.forward_intermediates(
+        return self.model.visual.forward_intermediates(
             images, indices=indices, intermediates_only=True, output_fmt="NCHW",
             stop_early=True)["image_intermediates"]
-        return {f"blocks.{i}": m.contiguous(memory_format=torch.channels_last)
-                for i, m in zip(indices, out, strict=True)}
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:

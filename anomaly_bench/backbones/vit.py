@@ -13,6 +13,7 @@ ImageNet input statistics.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,49 @@ from anomaly_bench.backbones.extractor import create_timm_model
 from anomaly_bench.errors import ConfigError
 
 
-class VitExtractor(Backbone):
+class TokenGridBackbone(Backbone):
+    """A transformer whose selected blocks' patch tokens are maps ``{"block<i>": ...}``.
+
+    Subclasses give ``_intermediates(images, indices)``: the blocks' patch tokens as
+    (B, C, h, w), prefix tokens dropped, the pass stopped after the last index.
+    """
+
+    selection: list[int]
+
+    def _select(self, blocks: Sequence[int], n: int, what: str) -> None:
+        picked = []
+        for b in blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not -n <= b < n:
+                raise ConfigError(
+                    f"layers.blocks holds {b!r}: {what} has {n} transformer blocks (use "
+                    f"0..{n - 1}, or -1 for the last)."
+                )
+            picked.append(b % n)
+        if not picked:
+            raise ConfigError("layers.blocks is empty: name at least one transformer block.")
+        self.selection = sorted(set(picked))
+
+    @property
+    def block_names(self) -> dict[str, str]:
+        return {f"block{i}": f"blocks.{i}" for i in self.selection}
+
+    @property
+    def tag(self) -> str:
+        return "+".join(f"blocks.{i}" for i in self.selection)
+
+    @abstractmethod
+    def _intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """The patch-token maps of blocks ``indices`` (in order)."""
+
+    def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
+        """Patch tokens of the selected blocks, or of every block up to the last selected."""
+        indices = list(range(self.selection[-1] + 1)) if every_block else self.selection
+        maps = self._intermediates(images, indices)
+        return {f"blocks.{i}": m.contiguous(memory_format=torch.channels_last)
+                for i, m in zip(indices, maps, strict=True)}
+
+
+class VitExtractor(TokenGridBackbone):
     """Patch-token maps ``{"block<i>": (B, C, h, w)}`` of the selected transformer blocks."""
 
     kind = "vit"
@@ -36,18 +79,7 @@ class VitExtractor(Backbone):
                                                     shared, url)
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
             raise ConfigError(f"backbone {name} is not a vision transformer with blocks.")
-        n = len(model.blocks)
-        picked = []
-        for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or not -n <= b < n:
-                raise ConfigError(
-                    f"layers.blocks holds {b!r}: {name} has {n} transformer blocks (use "
-                    f"0..{n - 1}, or -1 for the last)."
-                )
-            picked.append(b % n)
-        if not picked:
-            raise ConfigError("layers.blocks is empty: name at least one transformer block.")
-        self.selection = sorted(set(picked))
+        self._select(blocks, len(model.blocks), name)
         self.model = model
         self.name = name
         self.backbone_id = f"{name}.{hub_tag}|{self.weights_tag}"
@@ -60,18 +92,6 @@ class VitExtractor(Backbone):
         self.strides = {f"block{i}": patch for i in self.selection}
         self.eval().requires_grad_(False)
 
-    @property
-    def block_names(self) -> dict[str, str]:
-        return {f"block{i}": f"blocks.{i}" for i in self.selection}
-
-    @property
-    def tag(self) -> str:
-        return "+".join(f"blocks.{i}" for i in self.selection)
-
-    def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
-        """Patch tokens of the selected blocks, or of every block up to the last selected."""
-        indices = list(range(self.selection[-1] + 1)) if every_block else self.selection
-        maps = self.model.forward_intermediates(images, indices=indices, output_fmt="NCHW",
+    def _intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(images, indices=indices, output_fmt="NCHW",
                                                 intermediates_only=True, stop_early=True)
-        return {f"blocks.{i}": m.contiguous(memory_format=torch.channels_last)
-                for i, m in zip(indices, maps, strict=True)}

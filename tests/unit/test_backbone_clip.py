@@ -51,7 +51,7 @@ def test_other_input_sizes_and_cnn_keys_are_refused(tiny):
     bb = ClipBackbone(tiny, [-1], pretrained=False)
     with pytest.raises(ConfigError, match="takes 64 px images"):
         bb(torch.zeros(1, 3, 96, 96))
-    with pytest.raises(ConfigError, match="3 blocks"):
+    with pytest.raises(ConfigError, match="has 3 transformer blocks"):
         ClipBackbone(tiny, [3], pretrained=False)
     cfg = {"name": tiny, "kind": "clip", "pretrained": False}
     with pytest.raises(ConfigError, match="selects a CNN stage"):
