@@ -141,7 +141,9 @@ def _fmt(v: float | str | None, column: str = "") -> str:
         return ""
     if isinstance(v, str):
         return v
-    return f"{v:.4f}" if column in METRICS else f"{v:.4g}"
+    if column in METRICS:
+        return f"{v:.4f}"
+    return f"{v:.3f}" if column in SCALED else f"{v:.4g}"
 
 
 def _mean(values: list[str]) -> float | None:
@@ -575,7 +577,8 @@ def compare_markdown(sweep_a: Path, sweep_b: Path, out_dir: Path, metric: str | 
                                       diff]) + " |")
     links = []
     for s, name in zip((a, b), names, strict=True):
-        for png in sorted((s["dir"] / "figures").glob("*.png")):
+        for png in sorted((s["dir"] / "figures").glob("*.png"),
+                          key=lambda p: (not p.name.startswith("train_samples"), p.name)):
             rel = Path(os.path.relpath(png, out_dir)).as_posix()
             links.append(f"![{name} {png.stem}]({rel})")
     if links:
