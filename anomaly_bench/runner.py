@@ -553,7 +553,8 @@ class Runner:
                         masks[j] = np.rot90(masks[j], -k)
             vmin, vmax = float(out.maps.min()), float(out.maps.max())
             titles = [f"{out.defect_types[i]} · {scores[i]:.3g}" for i in pick]
-            plots.plot_overlay_grid(pdir / "overlays.png", images, maps, masks, titles, vmin, vmax)
+            plots.plot_overlay_grid(pdir / "overlays.png", images, maps, masks, titles, vmin, vmax,
+                                    title=title)
         log.debug("%s: plots in %.1fs", split.category, time.perf_counter() - t0)
 
 

@@ -52,7 +52,7 @@ def test_texture_version_sweep_writes_the_version_table(tmp_path):
     versions = ",".join(f"texture_v0{i}" for i in range(1, 7))
     # the presets' own backbones (WRN50, ResNet-50 for v05); 64 px keeps v06 small here
     res = run_cli(["-m", f"experiment={versions}", "method=texture_knn", "dataset=mvtec",
-                   f"data_root={tmp_path}",
+                   "dataset.category=all", f"data_root={tmp_path}",
                    "backbone.pretrained=false", "resolution.size=64", "method.k=20",
                    "method.border=4", "plots.max_overlays=0", f"hydra.sweep.dir={sweep}"],
                   tmp_path / "unused", fast=False)
@@ -60,7 +60,8 @@ def test_texture_version_sweep_writes_the_version_table(tmp_path):
     md = (sweep / "summary.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith("| texture_v")]
     assert [ln.split("|")[1].strip() for ln in lines] == [f"texture_v0{i}" for i in range(1, 7)]
-    assert "| experiment | setting | ms_per_image | image_auroc | pixel_auroc |" in md
+    assert ("| experiment | setting | backbone.name | backbone.truncate | method.impl | "
+            "s_per_image | image_auroc | pixel_auroc |") in md
     assert "#05 (#04)" in md
     with (sweep / "summary.csv").open() as fh:
         by_exp = {r["experiment"]: r for r in csv.DictReader(fh)}
