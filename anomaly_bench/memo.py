@@ -17,8 +17,10 @@ cache, so a memo that keeps growing would push out the very files a job then has
 read; with swap its entries would be paged out and read back slower than the feature
 cache's files. Either way a job that finds its values evicted rebuilds them from cheaper
 sources (the feature cache reads its files). Eviction takes the least recently used entry
-of at least :data:`SMALL_BYTES`; smaller ones (an alignment's decisions, costly to redo
-and worth nothing to free) go only when no larger one is left.
+that has a copy elsewhere (``put(..., spill=True)``: block outputs the feature cache also
+holds in its files), then the least recently used one of at least :data:`SMALL_BYTES`;
+smaller ones (an alignment's decisions, costly to redo and worth nothing to free) go only
+when no larger one is left.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Memo:
                  available: Callable[[], int | None] | None = None,
                  reserve: int | None = None) -> None:
         self.budget = int(budget)
-        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[Any, int, bool]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._available = available
@@ -145,9 +147,12 @@ class Memo:
             self.hits += 1
             return item[0]
 
-    def put(self, key: Hashable, value: Any, size: int | None = None) -> None:
+    def put(self, key: Hashable, value: Any, size: int | None = None,
+            spill: bool = False) -> None:
         """Keep ``value`` under ``key`` unless it alone exceeds the budget. Values holding
-        accelerator tensors are not kept: device memory belongs to the running job."""
+        accelerator tensors are not kept: device memory belongs to the running job.
+        ``spill``: the value can be read back from elsewhere (a file), so it is evicted
+        before values that must be recomputed."""
         if any(t.device.type != "cpu" for t in _tensors(value)):
             return
         size = nbytes(value) if size is None else int(size)
@@ -160,7 +165,7 @@ class Memo:
             if not self._make_room():
                 self.declined += 1
                 return
-            self._items[key] = (value, size)
+            self._items[key] = (value, size, spill)
             self._bytes += size
             self._evict()
 
@@ -201,11 +206,16 @@ class Memo:
             self._pop_victim()
 
     def _pop_victim(self) -> int:
-        """Remove the least recently used entry of at least SMALL_BYTES (else the least
-        recently used one); return its size."""
-        victim = next((k for k, (_, size) in self._items.items() if size >= SMALL_BYTES),
-                      next(iter(self._items)))
-        _, size = self._items.pop(victim)
+        """Remove the least recently used entry with a copy elsewhere, else the least
+        recently used one of at least SMALL_BYTES, else the least recently used one;
+        return its size."""
+        items = self._items.items()
+        victim = next((k for k, (_, _, spill) in items if spill), None)
+        if victim is None:
+            victim = next((k for k, (_, size, _) in items if size >= SMALL_BYTES), None)
+        if victim is None:
+            victim = next(iter(self._items))
+        _, size, _ = self._items.pop(victim)
         self._bytes -= size
         return size
 

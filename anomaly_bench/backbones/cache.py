@@ -6,8 +6,9 @@ extractor runs, so any later job that picks other blocks of those stages reads t
 instead of recomputing. The key of an entry is a hash of the preprocessed image tensor
 (so dataset, category, resolution and alignment are all part of it) under a folder keyed
 by backbone architecture, weights and library versions. An entry holds float32 values:
-about 21 MB per image for WideResNet50-2 at 224 px (the 13 blocks of layer1-3), 2 MB for
-ResNet18 (:func:`entry_size` gives the figure for any grid).
+at 224 px (layer1-3) 20.9 MB per image for WideResNet50-2 and ResNet50 (13 blocks),
+34.5 MB for WideResNet101-2 (30 blocks), 2.8 MB for ResNet18 (:func:`entry_size` gives
+the figure for other grids).
 
 An entry is a safetensors file whose metadata records the format version and, per
 tensor, its shape, dtype and a BLAKE2b checksum of its bytes. Every entry read from disk
@@ -450,8 +451,9 @@ class FeatureCache:
         _SIZE[key] = size
 
     def _remember(self, batch: tuple[str, ...], stacked: dict[str, torch.Tensor]) -> None:
+        # the files (or the writer's queue) hold them too: the memo drops them first
         for n, t in stacked.items():
-            MEMO.put(("features", str(self.dir), batch, n), t)
+            MEMO.put(("features", str(self.dir), batch, n), t, spill=True)
 
 
 _EXECUTOR: ThreadPoolExecutor | None = None

@@ -46,6 +46,19 @@ def test_small_entries_outlive_larger_ones():
     assert memo.get("align") is None and memo.size == 0
 
 
+def test_values_with_a_copy_elsewhere_are_evicted_first():
+    """Block outputs the feature cache also holds in files go before statistics that
+    would have to be recomputed, however recently they were used."""
+    memo = Memo(budget=3 * 2**20)
+    memo.put("stats", torch.zeros(2**18))  # 1 MiB each
+    memo.put("features", torch.zeros(2**18), spill=True)
+    memo.put("more stats", torch.zeros(2**18))
+    assert memo.get("features") is not None  # now the most recently used
+    memo.put("new stats", torch.zeros(2**18))
+    assert memo.get("features") is None
+    assert all(memo.get(k) is not None for k in ("stats", "more stats", "new stats"))
+
+
 def test_memo_gives_memory_back_when_the_host_is_short():
     available = [10 * 2**20]
     memo = Memo(budget=2**30, available=lambda: available[0], reserve=4 * 2**20)
