@@ -38,15 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.clear:
         r = fc.clear(root)
-        print(f"removed {r.entries} entries ({r.bytes / fc.GIB:.2f} GiB) and {r.temp_files} "
+        print(f"removed {r.entries} entries ({fc.human(r.bytes)}) and {r.temp_files} "
               f"temp files from {root.resolve()}")
     elif args.max_gb is not None:
         if args.max_gb < 0:
             ap.error("--max-gb must be >= 0")
         r = fc.trim(root, int(args.max_gb * fc.GIB))
-        print(f"removed {r.entries} least recently used entries ({r.bytes / fc.GIB:.2f} GiB) "
+        print(f"removed {r.entries} least recently used entries ({fc.human(r.bytes)}) "
               f"and {r.temp_files} stale temp files; kept {r.kept_entries} entries "
-              f"({r.kept_bytes / fc.GIB:.2f} GiB) in {root.resolve()}")
+              f"({fc.human(r.kept_bytes)}) in {root.resolve()}")
     else:
         print(fc.describe(root))
     return 0

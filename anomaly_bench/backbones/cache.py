@@ -159,6 +159,8 @@ MAX_QUEUED_BATCHES = 2
 TRIM_TO = 0.9
 #: A process refreshes the recency of an entry it keeps using at most this often (s).
 TOUCH_EVERY_S = 300.0
+#: Entries this process wrote or read within this many seconds count as in use.
+IN_USE_S = 600
 #: Temp files older than this (s) are left over by a stopped writer and may be removed.
 STALE_TMP_S = 3600.0
 #: Temp files younger than this (s) may belong to a running writer: clearing keeps them.
@@ -415,10 +417,13 @@ class FeatureCache:
             for i, path in enumerate(paths):
                 tensors = {n: t[i].permute(1, 2, 0) for n, t in cpu.items()}
                 try:
-                    try:
-                        written += write_entry(path, tensors, release=_memory_short())
-                    except FileNotFoundError:  # its folder was removed meanwhile (a clear)
-                        written += write_entry(path, tensors, release=_memory_short())
+                    for attempt in range(5):
+                        try:
+                            written += write_entry(path, tensors, release=_memory_short())
+                            break
+                        except FileNotFoundError:  # its folder was removed meanwhile
+                            if attempt == 4:
+                                raise
                 except (OSError, MemoryError) as exc:  # the cache only saves time
                     log.warning("feature cache: cannot write %s (%s); later runs will "
                                 "recompute these block outputs (backbone.cache.dir=%s)",
@@ -435,6 +440,7 @@ class FeatureCache:
 
     def _keep_under_cap(self, written: int) -> None:
         """Remove least recently used entries once ``root`` has grown past the cap."""
+        global _warned_cap
         if self.max_bytes is None:
             return
         key = _root_key(self.root)
@@ -443,10 +449,17 @@ class FeatureCache:
         if size > self.max_bytes:
             removed = trim(self.root, int(self.max_bytes * TRIM_TO))
             size = removed.kept_bytes
+            if removed.in_use and not _warned_cap:
+                _warned_cap = True
+                log.warning("feature cache: backbone.cache.max_gb=%g removes entries this "
+                            "process used in the last %d minutes (%d so far): the cap is "
+                            "smaller than what this run reuses, so it recomputes them; raise "
+                            "the cap to read them instead", self.max_bytes / GIB,
+                            IN_USE_S // 60, removed.in_use)
             if removed.entries:
                 log.info("feature cache: removed the %d least recently used entries "
-                         "(%.2f GiB) to keep %s under backbone.cache.max_gb=%g",
-                         removed.entries, removed.bytes / GIB, self.root,
+                         "(%s) to keep %s under backbone.cache.max_gb=%g",
+                         removed.entries, human(removed.bytes), self.root,
                          self.max_bytes / GIB)
         _SIZE[key] = size
 
@@ -578,6 +591,7 @@ class Removed:
     temp_files: int = 0
     kept_entries: int = 0
     kept_bytes: int = 0
+    in_use: int = 0  # removed entries this process wrote or read in the last IN_USE_S
 
 
 def _unlink(path: Path) -> bool:
@@ -591,9 +605,8 @@ def _unlink(path: Path) -> bool:
 def trim(root: str | os.PathLike, max_bytes: int) -> Removed:
     """Remove the least recently used entries under ``root`` until at most ``max_bytes``
     remain, and writers' temp files older than STALE_TMP_S."""
-    global _warned_cap
     out = Removed()
-    now = time.time()
+    now, now_used = time.time(), time.monotonic()
     kept = []
     for e in entries(root):
         if e.temp:
@@ -603,21 +616,14 @@ def trim(root: str | os.PathLike, max_bytes: int) -> Removed:
             kept.append(e)
     kept.sort(key=lambda e: e.used)
     total = sum(e.size for e in kept)
-    recent = 0
     while kept and total > max_bytes:
         e = kept.pop(0)
         total -= e.size
         if _unlink(e.path):
             out.entries += 1
             out.bytes += e.size
-            recent += str(e.path) in _USED
+            out.in_use += now_used - _USED.get(str(e.path), -IN_USE_S) < IN_USE_S
     out.kept_entries, out.kept_bytes = len(kept), total
-    if recent and not _warned_cap:
-        _warned_cap = True
-        log.warning("feature cache: the cap removes entries this process uses (%d here): "
-                    "the cap (%.2f GiB) is smaller than what this run reuses; raise "
-                    "backbone.cache.max_gb to read them instead of recomputing them",
-                    recent, max_bytes / TRIM_TO / GIB)
     return out
 
 
@@ -651,12 +657,17 @@ def _rmdir(folder: Path) -> None:
         pass
 
 
+def human(n: float) -> str:
+    """A byte count for people: ``1.21 GiB``, ``11.3 MiB``."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def describe(root: str | os.PathLike) -> str:
     """Where a cache folder is and what it holds, in one line."""
     found = list(entries(root))
     size = sum(e.size for e in found if not e.temp)
     n = sum(1 for e in found if not e.temp)
-    return f"{Path(root).expanduser().resolve()}: {n} entries, {size / GIB:.2f} GiB"
+    return f"{Path(root).expanduser().resolve()}: {n} entries, {human(size)}"
 
 
 def default_dir() -> Path:

@@ -388,9 +388,10 @@ def test_trim_removes_least_recently_used_entries_only(tmp_path: Path):
 
 
 def test_cache_stays_under_its_cap_and_keeps_what_was_read_last(tmp_path: Path, no_memo,
-                                                                 monkeypatch):
+                                                                 monkeypatch, caplog):
     """Three single-image batches through a cache capped at 2.5 entries: the entry read
-    again survives, the one not read since it was written goes."""
+    again survives, the one not read since it was written goes, and a warning says the
+    cap is smaller than what the run reuses."""
     import time
 
     from anomaly_bench.backbones import cache as fc
@@ -411,9 +412,13 @@ def test_cache_stays_under_its_cap_and_keeps_what_was_read_last(tmp_path: Path, 
     reader.stem = None
     with torch.inference_mode():
         reader(a)  # read from disk: a becomes the most recently used
-    _extract(tmp_path, c)  # a third entry exceeds the cap
+    monkeypatch.setattr(fc, "_warned_cap", False)
+    with caplog.at_level(logging.INFO, logger="anomaly_bench"):
+        _extract(tmp_path, c)  # a third entry exceeds the cap
     assert path[a].exists() and path[c].exists() and not path[b].exists()
     assert fc.folder_size(tmp_path) <= 2.5 * size
+    assert "removed the 1 least recently used entries" in caplog.text
+    assert len(_warnings(caplog)) == 1 and "max_gb" in _warnings(caplog)[0]
 
 
 def test_entries_vanishing_under_a_job_only_make_it_recompute(tmp_path: Path, caplog,
@@ -485,9 +490,9 @@ def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, ca
         f.write_text("keep me")
     assert main([str(tmp_path)]) == 0
     assert capsys.readouterr().out == (f"{tmp_path.resolve()}: 2 entries, "
-                                       f"{size / 2**30:.2f} GiB\n")
+                                       f"{size / 2**20:.1f} MiB\n")
     assert main(["--clear", str(tmp_path)]) == 0
-    assert capsys.readouterr().out == (f"removed 2 entries ({size / 2**30:.2f} GiB) and 1 "
+    assert capsys.readouterr().out == (f"removed 2 entries ({size / 2**20:.1f} MiB) and 1 "
                                        f"temp files from {tmp_path.resolve()}\n")
     assert not any(p.exists() for p in paths) and not stale.exists() and busy.exists()
     assert all(f.exists() for f in foreign)
