@@ -99,10 +99,3 @@ class Backbone(nn.Module):
         return Features({f: hit[n].to(images.device, non_blocking=True)
                          for f, n in selected.items()},
                         {f: (*origin, n) for f, n in selected.items()})
-
-    def _probe_shapes(self, size: int = 64) -> tuple[dict[str, int], dict[str, int]]:
-        """(channels, strides) of the selected features, from one forward pass at ``size``."""
-        with torch.inference_mode():
-            probe = self._run(torch.zeros(1, 3, size, size), every_block=False)
-        return ({f: int(probe[b].shape[1]) for f, b in self.block_names.items()},
-                {f: size // int(probe[b].shape[-1]) for f, b in self.block_names.items()})

@@ -33,8 +33,8 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 _MODELS: dict[tuple, tuple[nn.Module, str]] = {}
-#: (architecture, selection) -> (channels, strides) of the selected blocks, probed once
-_SHAPES: dict[tuple, tuple[dict[str, int], dict[str, int]]] = {}
+#: architecture -> {"layerS.i": (channels, stride)} of every block, probed once per process
+_BLOCK_SHAPES: dict[str, dict[str, tuple[int, int]]] = {}
 
 
 def create_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
@@ -116,6 +116,25 @@ def _build_timm_model(name: str, hub_tag: str | None, pretrained: bool, weights:
     return model, weights_tag(name, hub_tag, False, None, seed)
 
 
+def _probe_blocks(model: nn.Module, size: int = 64) -> dict[str, tuple[int, int]]:
+    """(channels, stride) of every block of a ResNet-style network, from one small pass.
+
+    Once per architecture and process: a layer sweep's jobs select other blocks of the
+    same network and reuse it.
+    """
+    out = {}
+    model.eval()  # never update normalisation statistics
+    with torch.inference_mode():
+        x = torch.zeros(1, 3, size, size)
+        for module in (model.conv1, model.bn1, model.act1, model.maxpool):
+            x = module(x)
+        for stage in STAGES:
+            for i, block in enumerate(getattr(model, stage)):
+                x = block(x)
+                out[f"{stage}.{i}"] = (int(x.shape[1]), size // int(x.shape[-1]))
+    return out
+
+
 def resolve_selection(stage_sizes: Mapping[str, int], layers: Mapping[str, int | None],
                       backbone: str) -> dict[str, int]:
     """Map ``{stage: index or None}`` to ``{stage: non-negative block index}`` in stage order."""
@@ -188,11 +207,11 @@ class FeatureExtractor(Backbone):
         # and the layout tensor cores prefer on CUDA
         self.to(memory_format=torch.channels_last)
         self.eval().requires_grad_(False)
-        shape_key = (name, tuple(self.selection.items()))
-        if shape_key not in _SHAPES:  # the architecture alone fixes widths and strides
-            _SHAPES[shape_key] = self._probe_shapes()
-        channels, strides = _SHAPES[shape_key]
-        self.channels, self.strides = dict(channels), dict(strides)
+        if name not in _BLOCK_SHAPES:  # the architecture alone fixes widths and strides
+            _BLOCK_SHAPES[name] = _probe_blocks(model)
+        shapes = _BLOCK_SHAPES[name]
+        self.channels = {s: shapes[f"{s}.{i}"][0] for s, i in self.selection.items()}
+        self.strides = {s: shapes[f"{s}.{i}"][1] for s, i in self.selection.items()}
 
     @property
     def tag(self) -> str:

@@ -62,7 +62,8 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
         raise ConfigError(f"backbone.kind={kind!r} is not one of cnn, vit, clip.")
     cache = backbone_cfg.get("cache") or {}
     if cache.get("enabled"):
-        extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id))
+        extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id,
+                                            cache.get("max_gb")))
     return extractor
 
 
