@@ -7,6 +7,19 @@ Pixel score: for each pixel-level block (paper: the ends of layer1, layer2 and l
 equally weighted) every test position's mean squared distance to its ``kappa`` nearest
 features in the gallery of all positions of the K retrieved images (kappa = 1); the
 per-block maps are resized bilinearly to the image, averaged, and blurred (sigma = 4).
+
+``gallery=random`` replaces the K retrieved images by K training images drawn at random
+per test image (the paper's Table 7 ablation; seeded by the run seed, drawn in test
+order); the image score stays the retrieval's.
+
+The pixel search is exact. With kappa = 1 and enough work to pay off, each block's bank
+is prepared once (after fit, or on first use after loading a checkpoint) for
+:class:`~anomaly_bench.ops.screen.ScreenedSearch`, which skips bank entries with a
+bfloat16 screen and measures the rest in float32 (CPUs with AMX; elsewhere the plain
+blocked search of :func:`~anomaly_bench.ops.knn.knn`). When K covers the whole training
+set every test image has the same gallery, and all positions of a batch are searched
+against the bank at once; otherwise each test image's gallery is the rows of its K images,
+read in place.
 """
 
 from __future__ import annotations
@@ -22,8 +35,13 @@ from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.ops.blur import gaussian_blur
 from anomaly_bench.ops.knn import knn
+from anomaly_bench.ops.screen import ScreenedSearch, screen_available
 from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch, Prediction
+
+#: Smallest search (query rows x gallery rows) worth the screen's set-up per call.
+_SCREEN_PAIRS = 2**24
+GALLERIES = ("nearest", "random")
 
 
 class Spade(AnomalyMethod):
@@ -31,7 +49,7 @@ class Spade(AnomalyMethod):
 
     def __init__(self, extractor: torch.nn.Module, *, k: int = 50, kappa: int = 1,
                  global_layer: str = "layer4", pixel_layers: Sequence[str] | None = None,
-                 blur_sigma: float = 4.0) -> None:
+                 blur_sigma: float = 4.0, gallery: str = "nearest", seed: int = 0) -> None:
         super().__init__()
         selected = list(extractor.selection)
         if global_layer not in selected:
@@ -49,14 +67,19 @@ class Spade(AnomalyMethod):
             )
         if k < 1 or kappa < 1:
             raise ConfigError(f"method.k={k} and method.kappa={kappa} must be at least 1.")
+        if gallery not in GALLERIES:
+            raise ConfigError(f"method.gallery={gallery} is not one of {', '.join(GALLERIES)}.")
         self.extractor = extractor
         self.k, self.kappa = k, kappa
         self.global_layer = global_layer
         self.pixel_layers = pixel
         self.blur_sigma = blur_sigma
+        self.gallery = gallery
+        self._rng = torch.Generator().manual_seed(seed)
         self.register_buffer("global_bank", None)  # (N, C)
         for s in pixel:
             self.register_buffer(f"bank_{s}", None)  # (N, h, w, C)
+        self._screens: dict[str, tuple[tuple, ScreenedSearch | None]] = {}
 
     def _features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -77,6 +100,63 @@ class Spade(AnomalyMethod):
         self.global_bank = torch.cat(globs)
         for s in self.pixel_layers:
             setattr(self, f"bank_{s}", torch.cat(maps[s]))
+            self._screen(s)  # built here, so its set-up counts as training time
+
+    def _screen(self, layer: str) -> ScreenedSearch | None:
+        """The screened search over one block's bank, or None where the plain search is
+        used (kappa > 1, no AMX, small banks); rebuilt when the bank changes."""
+        bank: torch.Tensor = getattr(self, f"bank_{layer}")
+        # a checkpoint loaded into fitted buffers is copied in place: same storage, new
+        # version
+        key = (bank.data_ptr(), bank._version, tuple(bank.shape))
+        cached = self._screens.get(layer)
+        if cached is None or cached[0] != key:
+            n, h, w, c = bank.shape
+            # a gallery holds min(k, N) images; one image's queries against it
+            work = h * w * min(self.k, n) * h * w
+            use = (self.kappa == 1 and screen_available() and bank.device.type == "cpu"
+                   and bank.dtype == torch.float32 and work >= _SCREEN_PAIRS)
+            cached = key, ScreenedSearch(bank.view(-1, c)) if use else None
+            self._screens[layer] = cached
+        return cached[1]
+
+    def _galleries(self, near: torch.Tensor, n_train: int) -> torch.Tensor | None:
+        """(B, K) training images per test image; None when every gallery is the whole set."""
+        k = near.shape[1]
+        if k == n_train:
+            return None
+        if self.gallery == "random":
+            draw = torch.rand(near.shape[0], n_train, generator=self._rng)
+            return draw.argsort(dim=1)[:, :k].to(near.device)
+        return near
+
+    def _pixel_sqdist(self, layer: str, query: torch.Tensor, gallery: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """(B, h, w) mean squared distance of every test position to its ``kappa`` nearest
+        features among its gallery's positions (``query`` (B, h, w, C))."""
+        bank: torch.Tensor = getattr(self, f"bank_{layer}")
+        _, h, w, c = bank.shape
+        flat_bank = bank.view(-1, c)
+        screen = self._screen(layer)
+        b = query.shape[0]
+        if gallery is None:  # one gallery for all: every position of the batch at once
+            q = query.reshape(-1, c)
+            if screen is not None:
+                return screen.nearest(q)[0].view(b, h, w)
+            return knn(q, flat_bank, min(self.kappa, flat_bank.shape[0])
+                       ).distances.square().mean(dim=1).view(b, h, w)
+        out = torch.empty(b, h, w, device=query.device, dtype=query.dtype)
+        positions = torch.arange(h * w, device=gallery.device)
+        for i in range(b):  # each test image has its own gallery
+            q = query[i].reshape(-1, c)
+            if screen is not None:
+                rows = (gallery[i].unsqueeze(1) * (h * w) + positions).flatten()
+                out[i] = screen.nearest(q, rows)[0].view(h, w)
+            else:
+                g = bank[gallery[i]].reshape(-1, c)
+                kk = min(self.kappa, g.shape[0])
+                out[i] = knn(q, g, kk).distances.square().mean(dim=1).view(h, w)
+        return out
 
     def predict(self, batch: Batch) -> Prediction:
         if self.global_bank is None:
@@ -87,17 +167,10 @@ class Spade(AnomalyMethod):
         with torch.no_grad():
             near = knn(glob, self.global_bank, k)
             scores = near.distances.square().mean(dim=1)
+            gallery = self._galleries(near.indices, self.global_bank.shape[0])
             total = torch.zeros(glob.shape[0], 1, *size, device=glob.device)
             for s in self.pixel_layers:
-                bank: torch.Tensor = getattr(self, f"bank_{s}")
-                per_image = []
-                for i in range(glob.shape[0]):  # each test image has its own gallery
-                    gallery = bank[near.indices[i]].reshape(-1, bank.shape[-1])
-                    query = maps[s][i].reshape(-1, bank.shape[-1])
-                    kk = min(self.kappa, gallery.shape[0])
-                    d = knn(query, gallery, kk).distances.square().mean(dim=1)
-                    per_image.append(d.view(maps[s].shape[1:3]))
-                layer_map = torch.stack(per_image).unsqueeze(1)
+                layer_map = self._pixel_sqdist(s, maps[s], gallery).unsqueeze(1)
                 total += F.interpolate(layer_map, size=size, mode="bilinear",
                                        align_corners=False)
             total /= len(self.pixel_layers)
@@ -110,6 +183,7 @@ SCHEMA = {
     "kappa": Key(int, lo=1),
     "global_layer": one_of("layer1", "layer2", "layer3", "layer4"),
     "pixel_layers": Key("names", null=True),
+    "gallery": one_of(*GALLERIES),
 }
 
 
@@ -124,4 +198,6 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
         global_layer=str(method_cfg.get("global_layer", "layer4")),
         pixel_layers=None if pixel is None else [str(p) for p in pixel],
         blur_sigma=float(method_cfg.get("blur_sigma", 4.0)),
+        gallery=str(method_cfg.get("gallery", "nearest")),
+        seed=seed,
     )

@@ -29,7 +29,8 @@ def test_defaults_of_every_method_and_group_are_valid(method, extra):
 
 
 @pytest.mark.parametrize("experiment", ["padim_screw_layers", "padim_screw_layers_orb90",
-                                        "spade_stc", *[f"texture_v0{i}" for i in range(1, 7)]])
+                                        "spade_stc", "spade_mvtec_layers", "spade_mvtec_gallery",
+                                        *[f"texture_v0{i}" for i in range(1, 7)]])
 def test_presets_are_valid(experiment):
     overrides = [f"experiment={experiment}"]
     if experiment.startswith("texture"):
