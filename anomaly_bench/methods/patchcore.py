@@ -190,6 +190,7 @@ class PatchCore(AnomalyMethod):
         self.seed = seed
         self.register_buffer("memory_bank", None)
         self._index: KnnIndex | None = None
+        self._index_of: tuple = ()  # the memory bank the index was built from
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w, D) patch embeddings of a batch of images."""
@@ -216,8 +217,11 @@ class PatchCore(AnomalyMethod):
     def index(self) -> KnnIndex:
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.predict called before fit")
-        if self._index is None or self._index.bank is not self.memory_bank:
+        # a checkpoint loaded into a fitted bank is copied in place: same tensor, new version
+        of = (id(self.memory_bank), self.memory_bank.data_ptr(), self.memory_bank._version)
+        if self._index is None or self._index_of != of:
             self._index = KnnIndex(self.memory_bank, self.knn_backend)
+            self._index_of = of
         return self._index
 
     def predict(self, batch: Batch) -> Prediction:

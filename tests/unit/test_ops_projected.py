@@ -7,8 +7,9 @@ from anomaly_bench.ops.knn import KnnIndex, knn
 from anomaly_bench.ops.projected import ProjectedSearch
 
 
-def _structured(n: int, d: int = 256, rank: int = 12, seed: int = 0) -> torch.Tensor:
-    """Rows with most of their variance in a few directions, like CNN patch features."""
+def _structured(n: int, d: int = 512, rank: int = 12, seed: int = 0) -> torch.Tensor:
+    """Rows with most of their variance in a few directions, like CNN patch features
+    (512-d by default; PatchCore's embeddings are 1024-d)."""
     gen = torch.Generator().manual_seed(seed)
     basis = torch.randn(rank, d, generator=gen)
     scale = torch.linspace(4.0, 0.5, rank)
@@ -67,7 +68,17 @@ def test_unstructured_or_small_banks_fall_back_to_brute_force():
     gen = torch.Generator().manual_seed(6)
     isotropic = torch.randn(2000, 128, generator=gen)
     assert ProjectedSearch.build(isotropic, torch.zeros(128)) is None
-    assert ProjectedSearch.build(_structured(300), torch.zeros(256)) is None  # too small to pay off
+    assert ProjectedSearch.build(_structured(300), torch.zeros(512)) is None  # too small to pay off
+
+
+def test_few_dimensions_fall_back_to_brute_force():
+    """At d = 256 brute force costs 256 multiply-adds per entry, little more than writing,
+    scanning and comparing a bound matrix: the same structured rows are pruned at d = 512
+    and searched by brute force at d = 256."""
+    for d, pruned in ((512, True), (256, False)):
+        bank = _structured(1500, d=d)
+        search = ProjectedSearch.build(bank - bank.mean(0), bank.mean(0))
+        assert (search is not None) == pruned, d
 
 
 def test_index_uses_the_bound_for_one_neighbour_only():

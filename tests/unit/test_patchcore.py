@@ -130,3 +130,16 @@ def test_state_round_trip(data):
     load_fitted_state(fresh, model.state_dict(), "memory")
     assert torch.equal(fresh.predict(_batch(test)).image_scores,
                        model.predict(_batch(test)).image_scores)
+
+
+def test_checkpoint_loaded_into_a_fitted_model_replaces_its_search(data):
+    """Loading copies into the fitted bank in place: the search index follows the new bank."""
+    train, test = data
+    source, target = _model(coreset_ratio=0.5), _model(coreset_ratio=0.5)
+    source.fit([_batch(train[:3])])
+    target.fit([_batch(train[3:])])
+    before = target.predict(_batch(test)).image_scores
+    load_fitted_state(target, source.state_dict(), "memory")
+    after = target.predict(_batch(test)).image_scores
+    assert torch.equal(after, source.predict(_batch(test)).image_scores)
+    assert not torch.equal(after, before)
