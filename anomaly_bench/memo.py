@@ -21,6 +21,12 @@ that has a copy elsewhere (``put(..., spill=True)``: block outputs the feature c
 holds in its files), then the least recently used one of at least :data:`SMALL_BYTES`;
 smaller ones (an alignment's decisions, costly to redo and worth nothing to free) go only
 when no larger one is left.
+
+Values derived from feature blocks go through :func:`derive`: a method names the
+derivation and its parameters, and the memo keys the result on the content of the
+inputs when that is known (block outputs that came through the feature cache carry such
+a key, see :meth:`~anomaly_bench.backbones.base.Features.lazy`); otherwise the value is
+simply computed. Methods thus say what they derive, never how it is cached.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -222,3 +228,98 @@ class Memo:
 
 #: The process-wide instance.
 MEMO = Memo(DEFAULT_BYTES)
+
+
+def _versions(value: Any) -> tuple[int, ...]:
+    return tuple(t._version for t in _tensors(value))
+
+
+def _hashable(value: Any) -> Hashable:
+    """A key part for a derivation parameter: tensors by dtype, shape and bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        return ("tensor", str(t.dtype), tuple(t.shape),
+                t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+class Derived(Generic[T]):
+    """A value computed from feature blocks, with the key naming its content when known.
+
+    Build one with :func:`known` (a value at hand) or :func:`derive` (a value computed from
+    others). ``key`` is None when the content of some input is unknown, and also once a
+    tensor of a :func:`known` value has been modified in place (a checkpoint loaded into
+    it): the value is then what it is, but nothing may be memoised under its name.
+    """
+
+    __slots__ = ("_compute", "_keep", "_key", "_value", "_versions")
+
+    def __init__(self, key: Hashable | None, value: Any = None,
+                 compute: Callable[[], T] | None = None, keep: bool = True) -> None:
+        self._key = key
+        self._value = value
+        self._compute = compute
+        self._keep = keep
+        self._versions = _versions(value) if compute is None and key is not None else None
+
+    @property
+    def key(self) -> Hashable | None:
+        if self._versions is not None and self._versions != _versions(self._value):
+            return None
+        return self._key
+
+    @property
+    def value(self) -> T:
+        """The value: at hand, taken from the memo, or computed (and kept if ``keep``)."""
+        if self._compute is None:
+            return self._value
+        if not self._keep:
+            return self._compute()
+        return MEMO.get_or_compute(self._key, self._compute)
+
+
+def known(value: T, key: Hashable | None = None) -> Derived[T]:
+    """``value`` as an input of :func:`derive`; ``key`` names its content (None: unknown)."""
+    return Derived(key, value=value)
+
+
+Input = Derived | Sequence[Derived]
+
+
+def _key_of(item: Input) -> Hashable | None:
+    if isinstance(item, Derived):
+        return item.key
+    keys = tuple(d.key for d in item)
+    return None if any(k is None for k in keys) else keys
+
+
+def _value_of(item: Input) -> Any:
+    return item.value if isinstance(item, Derived) else [d.value for d in item]
+
+
+def derive(name: str, fn: Callable[..., T], *inputs: Input, keep: bool = True,
+           **params: Any) -> Derived[T]:
+    """``fn(*values of inputs, **params)``, memoised when every input's content is known.
+
+    ``name`` identifies the derivation (two derivations never share a name); ``params``
+    are passed to ``fn`` and are part of the key (tensors by value). An input is a
+    :class:`Derived` or a sequence of them (``fn`` then gets the list of their values).
+    When some input's content is unknown the value is computed now, with no key. When
+    all are known it is computed on first use of ``.value``, from the process memo when
+    an earlier job derived it already, and kept there; ``keep=False`` (a cheap step whose
+    results feed kept ones) gives it a key for what is derived from it but never stores
+    it, so it is recomputed on every use and skipped when what needs it is in the memo.
+    """
+    keys = [_key_of(i) for i in inputs]
+    if any(k is None for k in keys):
+        return Derived(None, value=fn(*(_value_of(i) for i in inputs), **params))
+    key = (name, _hashable(params), tuple(keys))
+
+    def compute() -> T:
+        return fn(*(_value_of(i) for i in inputs), **params)
+
+    return Derived(key, compute=compute, keep=keep)

@@ -26,6 +26,7 @@ from torch import nn
 
 from anomaly_bench.backbones.cache import FeatureCache, image_key
 from anomaly_bench.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_bench.memo import Derived, known
 
 
 class Features(dict):
@@ -33,13 +34,19 @@ class Features(dict):
 
     ``sources[name]`` identifies that tensor's values (backbone and weights, block, and
     the content key of every image) when they came through the feature cache, else it is
-    absent; memoised statistics derived from a block may be keyed on it.
+    absent. :meth:`lazy` hands a block to :func:`~anomaly_bench.memo.derive` with that
+    key, so what a method derives from it is memoised across the jobs of a sweep.
     """
 
     def __init__(self, blocks: Mapping[str, torch.Tensor],
                  sources: Mapping[str, tuple] | None = None) -> None:
         super().__init__(blocks)
         self.sources: dict[str, tuple] = dict(sources or {})
+
+    def lazy(self, name: str) -> Derived[torch.Tensor]:
+        """Block ``name`` as an input of :func:`~anomaly_bench.memo.derive`, keyed by its
+        source when the content is known."""
+        return known(self[name], self.sources.get(name))
 
 
 class Backbone(nn.Module):

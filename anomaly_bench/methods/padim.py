@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from anomaly_bench.backbones.base import Features
 from anomaly_bench.errors import ConfigError
-from anomaly_bench.memo import MEMO
+from anomaly_bench.memo import Derived, derive, known
 from anomaly_bench.methods.base import AnomalyMethod, register
 from anomaly_bench.methods.common import (
     build_extractor,
@@ -80,60 +81,46 @@ class Padim(AnomalyMethod):
             self.register_buffer(f"mean_{stage}", None)  # (p, c) float64
             self.register_buffer(f"centred_{stage}", None)  # (p, N, c) float64
         self.register_buffer("whiten", None)  # lowrank solver: (P, N, N) float64
-        self._level_keys: dict[str, tuple | None] = {}  # memo keys of the fitted statistics
+        #: per stage, the fitted (mean, centred) as derived by ``fit`` (named by their inputs)
+        self._fitted: dict[str, Derived[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reg = reg
         self.blur_sigma = blur_sigma
 
-    def _select(self, stage: str, block: torch.Tensor) -> torch.Tensor:
-        """The chosen channels of ``block``, in the channels-last layout the statistics read
-        (a C-vector per position)."""
-        idx = self.get_buffer(f"channels_{stage}")
-        return block.permute(0, 2, 3, 1).index_select(3, idx).permute(0, 3, 1, 2)
+    def _chosen(self, feats: Features) -> list[Derived[torch.Tensor]]:
+        """Per stage: the chosen channels of its block, in the channels-last layout the
+        statistics read (a C-vector per position)."""
+        return [derive("padim.channels", select_channels, feats.lazy(s), keep=False,
+                       index=self.get_buffer(f"channels_{s}")) for s in self.stages]
 
-    def _blocks(self, images: torch.Tensor) -> list[tuple[torch.Tensor, tuple | None]]:
-        """Per stage: (block output, its content source) when it came through the feature
-        cache, else (the chosen channels, None). Selection of sourced blocks is deferred, so
-        statistics memoised under the source skip it."""
+    def _features(self, images: torch.Tensor) -> Features:
         with torch.no_grad():
-            feats = self.extractor(images)
-        sources = getattr(feats, "sources", {})
-        return [(feats[s], sources[s]) if s in sources else (self._select(s, feats[s]), None)
-                for s in self.stages]
+            return self.extractor(images)
 
-    def _level(self, stage: str, part: tuple[torch.Tensor, tuple | None]) -> torch.Tensor:
-        block, source = part
-        return block if source is None else self._select(stage, block)
-
-    def _concat(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        return concat_pyramid(dict(zip(self.stages, levels, strict=True)))
-
-    def _memo_key(self, kind: str, stage: str, *sources: tuple | None) -> tuple | None:
-        """Key of a memoised per-stage statistic, or None when a source is unknown. The jobs
-        of a block sweep share each block's statistics (see :mod:`anomaly_bench.memo`)."""
-        if not sources or any(src is None for src in sources):
-            return None
-        channels = self.get_buffer(f"channels_{stage}").cpu().numpy().tobytes()
-        return ("padim", kind, channels, *sources)
+    def _concat(self, parts: list[Derived[torch.Tensor]]) -> torch.Tensor:
+        return concat_pyramid(dict(zip(self.stages, (p.value for p in parts), strict=True)))
 
     def fit(self, batches: Iterable[Batch]) -> None:
         dim = int(self.channel_idx.numel())
         acc: GaussianAccumulator | None = GaussianAccumulator() if self.solver == "full" else None
-        kept: list[list[tuple[torch.Tensor, tuple | None]]] = []
+        kept: list[list[Derived[torch.Tensor]]] = []
+        shapes: list[tuple[int, int]] = []
         n = 0
         for batch in batches:
-            parts = self._blocks(batch.images)
-            n += parts[0][0].shape[0]
+            feats = self._features(batch.images)
+            parts = self._chosen(feats)
+            shapes = [tuple(feats[s].shape[-2:]) for s in self.stages]
+            n += batch.images.shape[0]
             if acc is None and (self.solver == "lowrank" or n <= dim):
                 kept.append(parts)
                 continue
             if acc is None:  # auto: more samples than channels, stream from here on
                 acc = GaussianAccumulator()
                 for k in kept:
-                    acc.update(self._concat(self._levels_of(k)).flatten(2))
+                    acc.update(self._concat(k).flatten(2))
                 kept = []
-            acc.update(self._concat(self._levels_of(parts)).flatten(2))
+            acc.update(self._concat(parts).flatten(2))
         self.mean = self.inv_cov = self.whiten = None
-        self._level_keys = {}
+        self._fitted = {}
         for stage in self.stages:
             setattr(self, f"mean_{stage}", None)
             setattr(self, f"centred_{stage}", None)
@@ -145,33 +132,32 @@ class Padim(AnomalyMethod):
                 raise ConfigError("PaDiM needs training images; the training set is empty.")
             if n < 2:
                 raise ConfigError(f"PaDiM needs at least two training images; got {n}.")
-            grams, shapes = [], []
+            grams = []
             for i, stage in enumerate(self.stages):
-                parts = [k[i] for k in kept]
-                key = self._memo_key("level", stage, *(src for _, src in parts))
-                self._level_keys[stage] = key
-
-                def stats(stage: str = stage, parts: list = parts) -> tuple:
-                    return level_stats([self._level(stage, p) for p in parts])
-
-                mean, centred, gram = stats() if key is None else MEMO.get_or_compute(key, stats)
+                stats = derive("padim.level_stats", level_stats, [k[i] for k in kept])
+                mean, centred, gram = stats.value
                 setattr(self, f"mean_{stage}", mean)
                 setattr(self, f"centred_{stage}", centred)
+                self._fitted[stage] = known((mean, centred), stats.key)
                 grams.append(gram)
-                shapes.append(tuple(parts[0][0].shape[-2:]))
             kept.clear()
             self.whiten = whitening(grams, shapes, shapes[0], self.reg)
 
-    def _levels_of(self, parts: list[tuple[torch.Tensor, tuple | None]]) -> list[torch.Tensor]:
-        return [self._level(s, p) for s, p in zip(self.stages, parts, strict=True)]
+    def _statistics(self, stage: str) -> Derived[tuple[torch.Tensor, torch.Tensor]]:
+        """The fitted (mean, centred samples) of one stage, named as derived by ``fit``."""
+        fitted = self._fitted.get(stage)
+        if fitted is None:  # loaded from a checkpoint
+            fitted = known((self.get_buffer(f"mean_{stage}"), self.get_buffer(f"centred_{stage}")))
+        return fitted
 
     def predict(self, batch: Batch) -> Prediction:
         if self.inv_cov is None and self.whiten is None:
             raise RuntimeError("PaDiM.predict called before fit")
         with torch.no_grad():
-            parts = self._blocks(batch.images)
-            b = parts[0][0].shape[0]
-            shapes = [tuple(block.shape[-2:]) for block, _ in parts]
+            feats = self._features(batch.images)
+            parts = self._chosen(feats)
+            b = batch.images.shape[0]
+            shapes = [tuple(feats[s].shape[-2:]) for s in self.stages]
             h, w = shapes[0]
             fitted = (self.mean.shape[1] if self.mean is not None
                       else self.get_buffer(f"mean_{self.stages[0]}").shape[0])
@@ -182,28 +168,29 @@ class Padim(AnomalyMethod):
                     "the size the model was fitted at (set resolution.size)."
                 )
             if self.inv_cov is not None:
-                levels = self._levels_of(parts)
-                dist = mahalanobis(self._concat(levels).flatten(2), self.mean, self.inv_cov)
+                dist = mahalanobis(self._concat(parts).flatten(2), self.mean, self.inv_cov)
             else:
                 cross, sq = [], []
                 for stage, part in zip(self.stages, parts, strict=True):
-                    fit_key = self._level_keys.get(stage)
-                    key = (self._memo_key("cross", stage, fit_key, part[1])
-                           if fit_key is not None else None)
-
-                    def share(stage: str = stage, part: tuple = part) -> tuple:
-                        return level_cross(self._level(stage, part),
-                                           self.get_buffer(f"mean_{stage}"),
-                                           self.get_buffer(f"centred_{stage}"))
-
-                    c, q = share() if key is None else MEMO.get_or_compute(key, share)
+                    c, q = derive("padim.level_cross", _level_cross, part,
+                                  self._statistics(stage)).value
                     cross.append(c)
                     sq.append(q)
                 dist = lowrank_distance(cross, sq, shapes, self.whiten, (h, w), self.reg)
-                dist = dist.to(parts[0][0].dtype)
+                dist = dist.to(feats[self.stages[0]].dtype)
             dist = dist.view(b, h, w)
             scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma)
         return Prediction(image_scores=scores, anomaly_maps=maps)
+
+
+def select_channels(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout."""
+    return block.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+
+
+def _level_cross(features: torch.Tensor, fitted: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return level_cross(features, *fitted)
 
 
 SCHEMA = {

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from anomaly_bench.memo import MEMO, Memo, nbytes
+from anomaly_bench.memo import MEMO, Memo, derive, known, nbytes
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,9 @@ def test_padim_block_statistics_are_shared_and_exact(tmp_path):
     hits = MEMO.hits
     other = run((0, 0), cache=True)  # shares layer1.0 with the run before
     assert MEMO.hits >= hits + 2  # its layer1 fit statistics and test shares came from memory
+    kinds = {key[0] for key in MEMO._items if isinstance(key, tuple) and isinstance(key[0], str)}
+    assert {"padim.level_stats", "padim.level_cross"} <= kinds
+    assert "padim.channels" not in kinds  # a cheap step: keyed, never kept
     reference = run((0, 0), cache=False)
     torch.testing.assert_close(other.anomaly_maps, reference.anomaly_maps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(other.image_scores, reference.image_scores, rtol=1e-6, atol=1e-6)
@@ -172,3 +175,57 @@ def test_runner_rejects_a_bad_budget(tmp_path):
 
     with pytest.raises(ConfigError, match="memory_cache_gb='lots'"):
         Runner(compose_config(["device=cpu", "memory_cache_gb=lots"]), tmp_path)
+
+
+def test_derive_memoises_only_values_of_known_content():
+    """A value derived from inputs of known content is computed on first use and then
+    taken from the memo; with an input of unknown content it is computed at once and
+    nothing is kept."""
+    calls = []
+
+    def total(xs, scale):
+        calls.append(scale)
+        return torch.stack(xs).sum() * scale
+
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    plain = derive("test.total", total, [known(a), known(b, "b")], scale=2.0)
+    assert plain.key is None and calls == [2.0] and plain.value.item() == 18.0
+    assert MEMO.size == 0
+    lazy = derive("test.total", total, [known(a, "a"), known(b, "b")], scale=2.0)
+    assert calls == [2.0]  # not computed before it is needed
+    assert lazy.value.item() == 18.0 and calls == [2.0, 2.0]
+    again = derive("test.total", total, [known(a, "a"), known(b, "b")], scale=2.0)
+    assert again.key == lazy.key and again.value.item() == 18.0 and calls == [2.0, 2.0]
+    other = derive("test.total", total, [known(a, "a"), known(b, "b")], scale=3.0)
+    assert other.key != lazy.key and other.value.item() == 27.0
+    renamed = derive("test.other", total, [known(a, "a"), known(b, "b")], scale=2.0)
+    assert renamed.key != lazy.key
+
+
+def test_derive_keep_false_names_but_never_stores():
+    calls = []
+
+    def pick(x, index):
+        calls.append(1)
+        return x[index]
+
+    x = known(torch.arange(10.0), "x")
+    picked = derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 3]))
+    assert picked.key is not None and MEMO.size == 0
+    assert picked.value.tolist() == [1.0, 3.0] and MEMO.size == 0 and len(calls) == 1
+    summed = derive("test.sum", lambda t: t.sum(), picked)
+    assert summed.value.item() == 4.0 and len(calls) == 2
+    again = derive("test.sum", lambda t: t.sum(),
+                   derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 3])))
+    assert again.value.item() == 4.0 and len(calls) == 2  # the pick was skipped
+    moved = derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 4]))
+    assert moved.key != picked.key  # tensor parameters are keyed by value
+
+
+def test_a_known_value_modified_in_place_loses_its_key():
+    t = torch.zeros(4)
+    value = known((t,), "fitted")
+    assert value.key == "fitted"
+    t.copy_(torch.ones(4))  # e.g. a checkpoint loaded into fitted buffers
+    assert value.key is None
+    assert derive("test.sum", lambda v: v[0].sum(), value).key is None
