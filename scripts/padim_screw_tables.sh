@@ -19,7 +19,7 @@ for exp in padim_screw_layers padim_screw_layers_orb90; do
     "hydra.sweep.dir=${OUT}/${exp}" "$@"
   echo "== ${exp}: ${OUT}/${exp}/summary.md"
 done
-python -m anomaly_bench.report.summary "${OUT}/padim_screw_layers" \
+anomaly-bench-report "${OUT}/padim_screw_layers" \
   --compare "${OUT}/padim_screw_layers_orb90" --out "${OUT}/comparison.md" >/dev/null
 echo "== plain and ORB-aligned side by side: ${OUT}/comparison.md"
 cat "${OUT}/comparison.md"

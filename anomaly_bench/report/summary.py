@@ -600,7 +600,7 @@ def write_comparison(sweep_a: Path, sweep_b: Path, out: Path | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m anomaly_bench.report.summary",
+        prog="anomaly-bench-report",
         description="Rebuild summary.csv, summary.md and figures/ of a sweep; with --compare, "
                     "also those of a second sweep and a comparison of the two.")
     ap.add_argument("sweep_dir", type=Path)
@@ -632,5 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main_exit() -> None:
+    """Console script ``anomaly-bench-report``."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
