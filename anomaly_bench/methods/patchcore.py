@@ -166,10 +166,10 @@ def reweighted_scores(patch_scores: torch.Tensor, nn_index: torch.Tensor,
 class PatchCore(AnomalyMethod):
     name = "patchcore"
 
-    def __init__(self, extractor: torch.nn.Module, *, coreset_ratio: float = 0.1,
-                 projection_dim: int | None = 128, n_starts: int = 10, patch_size: int = 3,
-                 pretrain_dim: int = 1024, embed_dim: int = 1024, num_neighbors: int = 9,
-                 blur_sigma: float = 4.0, knn_backend: str = "torch", seed: int = 0) -> None:
+    def __init__(self, extractor: torch.nn.Module, *, coreset_ratio: float,
+                 projection_dim: int | None, n_starts: int, patch_size: int,
+                 pretrain_dim: int, embed_dim: int, num_neighbors: int,
+                 blur_sigma: float, knn_backend: str, seed: int) -> None:
         super().__init__()
         if not 0 < coreset_ratio <= 1:
             raise ConfigError(f"method.coreset_ratio={coreset_ratio} must be in (0, 1].")
@@ -254,17 +254,17 @@ SCHEMA = {
 @register("patchcore", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> PatchCore:
-    proj = method_cfg.get("projection_dim", 128)
+    proj = method_cfg["projection_dim"]
     return PatchCore(
         build_extractor(backbone_cfg, layers_cfg, seed),
-        coreset_ratio=float(method_cfg.get("coreset_ratio", 0.1)),
+        coreset_ratio=float(method_cfg["coreset_ratio"]),
         projection_dim=None if proj in (None, 0) else int(proj),
-        n_starts=int(method_cfg.get("n_starts", 10)),
-        patch_size=int(method_cfg.get("patch_size", 3)),
-        pretrain_dim=int(method_cfg.get("pretrain_dim", 1024)),
-        embed_dim=int(method_cfg.get("embed_dim", 1024)),
-        num_neighbors=int(method_cfg.get("num_neighbors", 9)),
-        blur_sigma=float(method_cfg.get("blur_sigma", 4.0)),
-        knn_backend=str(method_cfg.get("knn_backend", "torch")),
+        n_starts=int(method_cfg["n_starts"]),
+        patch_size=int(method_cfg["patch_size"]),
+        pretrain_dim=int(method_cfg["pretrain_dim"]),
+        embed_dim=int(method_cfg["embed_dim"]),
+        num_neighbors=int(method_cfg["num_neighbors"]),
+        blur_sigma=float(method_cfg["blur_sigma"]),
+        knn_backend=str(method_cfg["knn_backend"]),
         seed=seed,
     )

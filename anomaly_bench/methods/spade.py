@@ -47,9 +47,9 @@ GALLERIES = ("nearest", "random")
 class Spade(AnomalyMethod):
     name = "spade"
 
-    def __init__(self, extractor: torch.nn.Module, *, k: int = 50, kappa: int = 1,
-                 global_layer: str = "layer4", pixel_layers: Sequence[str] | None = None,
-                 blur_sigma: float = 4.0, gallery: str = "nearest", seed: int = 0) -> None:
+    def __init__(self, extractor: torch.nn.Module, *, k: int, kappa: int,
+                 global_layer: str, pixel_layers: Sequence[str] | None,
+                 blur_sigma: float, gallery: str, seed: int) -> None:
         super().__init__()
         selected = list(extractor.selection)
         if global_layer not in selected:
@@ -190,14 +190,14 @@ SCHEMA = {
 @register("spade", SCHEMA)
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Spade:
-    pixel = method_cfg.get("pixel_layers")
+    pixel = method_cfg["pixel_layers"]
     return Spade(
         build_extractor(backbone_cfg, layers_cfg, seed),
-        k=int(method_cfg.get("k", 50)),
-        kappa=int(method_cfg.get("kappa", 1)),
-        global_layer=str(method_cfg.get("global_layer", "layer4")),
+        k=int(method_cfg["k"]),
+        kappa=int(method_cfg["kappa"]),
+        global_layer=str(method_cfg["global_layer"]),
         pixel_layers=None if pixel is None else [str(p) for p in pixel],
-        blur_sigma=float(method_cfg.get("blur_sigma", 4.0)),
-        gallery=str(method_cfg.get("gallery", "nearest")),
+        blur_sigma=float(method_cfg["blur_sigma"]),
+        gallery=str(method_cfg["gallery"]),
         seed=seed,
     )

@@ -87,3 +87,19 @@ def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method):
     for key in ("k", "reg", "blur_sigma", "coreset_ratio", "pool"):
         if key in composed and hasattr(built, key):
             assert getattr(built, key) == composed[key], key
+
+
+def test_method_constructors_hold_no_defaults():
+    """conf/method/<name>.yaml is the one place of defaults: the constructors take every
+    setting as a required argument, so a value the YAML changes cannot be shadowed."""
+    import inspect
+
+    from anomaly_bench.methods.padim import Padim
+    from anomaly_bench.methods.patchcore import PatchCore
+    from anomaly_bench.methods.spade import Spade
+    from anomaly_bench.methods.texture_knn import TextureKnn
+
+    for cls in (Padim, PatchCore, Spade, TextureKnn):
+        params = inspect.signature(cls.__init__).parameters.values()
+        with_default = [p.name for p in params if p.default is not inspect.Parameter.empty]
+        assert not with_default, f"{cls.__name__}: {with_default}"
