@@ -33,16 +33,20 @@ from torch import nn
 from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
-from anomaly_bench.schema import Key, Schema
+from anomaly_bench.ops.blur import BORDERS
+from anomaly_bench.schema import Key, Schema, one_of
 from anomaly_bench.types import Batch, Prediction
 
 Config = Mapping[str, Any]
 MethodFactory = Callable[[Config, Config, Config, int], "AnomalyMethod"]
 _REGISTRY: dict[str, MethodFactory] = {}
 _SCHEMAS: dict[str, Schema] = {}
-#: Keys every method group has: the paper's preprocessing (``resolution=paper`` reads them).
+#: Keys every method group has: the blur of its anomaly maps (sigma and border convention,
+#: see :mod:`anomaly_bench.ops.blur`) and the paper's preprocessing (``resolution=paper``
+#: reads ``input_size`` and ``input_crop``).
 COMMON_KEYS: dict[str, Key] = {
     "blur_sigma": Key(float, lo=0),
+    "blur_border": one_of(*BORDERS),
     "input_size": Key(int, lo=1, null=True),
     "input_crop": Key(int, lo=1, null=True),
 }

@@ -103,12 +103,14 @@ def concat_pyramid(features: Mapping[str, torch.Tensor],
 
 
 def to_image_maps(patch_scores: torch.Tensor, image_size: tuple[int, int],
-                  sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  sigma: float, border: str = "mirror") -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear-upsample (B, h, w) patch scores to the image, blur, and take the max.
 
+    ``border`` is the blur's border convention (``method.blur_border``: ``mirror`` or
+    ``reflect``, see :func:`~anomaly_bench.ops.blur.gaussian_blur`).
     Returns (image scores (B,), anomaly maps (B, H, W)).
     """
     maps = F.interpolate(patch_scores.unsqueeze(1), size=image_size, mode="bilinear",
                          align_corners=False)
-    maps = gaussian_blur(maps, sigma).squeeze(1)
+    maps = gaussian_blur(maps, sigma, border).squeeze(1)
     return maps.flatten(1).amax(dim=1), maps

@@ -54,7 +54,7 @@ class Padim(AnomalyMethod):
     fixed_grid = True
 
     def __init__(self, extractor: torch.nn.Module, n_features: int | None, reg: float,
-                 blur_sigma: float, seed: int, solver: str) -> None:
+                 blur_sigma: float, seed: int, solver: str, *, blur_border: str) -> None:
         super().__init__()
         self.extractor = extractor
         total = sum(extractor.channels.values())
@@ -85,6 +85,7 @@ class Padim(AnomalyMethod):
         self._fitted: dict[str, Derived[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reg = reg
         self.blur_sigma = blur_sigma
+        self.blur_border = blur_border
 
     def _chosen(self, feats: Features) -> list[Derived[torch.Tensor]]:
         """Per stage: the chosen channels of its block, in the channels-last layout the
@@ -179,7 +180,8 @@ class Padim(AnomalyMethod):
                 dist = lowrank_distance(cross, sq, shapes, self.whiten, (h, w), self.reg)
                 dist = dist.to(feats[self.stages[0]].dtype)
             dist = dist.view(b, h, w)
-            scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma)
+            scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma,
+                                         self.blur_border)
         return Prediction(image_scores=scores, anomaly_maps=maps)
 
 
@@ -206,5 +208,6 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
     extractor = build_extractor(backbone_cfg, layers_cfg, seed)
     n = method_cfg["n_features"]
     return Padim(extractor, None if n is None else int(n), float(method_cfg["reg"]),
-                 float(method_cfg["blur_sigma"]), seed, str(method_cfg["solver"]))
+                 float(method_cfg["blur_sigma"]), seed, str(method_cfg["solver"]),
+                 blur_border=str(method_cfg["blur_border"]))
 

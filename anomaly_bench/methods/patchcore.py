@@ -169,7 +169,7 @@ class PatchCore(AnomalyMethod):
     def __init__(self, extractor: torch.nn.Module, *, coreset_ratio: float,
                  projection_dim: int | None, n_starts: int, patch_size: int,
                  pretrain_dim: int, embed_dim: int, num_neighbors: int,
-                 blur_sigma: float, knn_backend: str, seed: int) -> None:
+                 blur_sigma: float, blur_border: str, knn_backend: str, seed: int) -> None:
         super().__init__()
         if not 0 < coreset_ratio <= 1:
             raise ConfigError(f"method.coreset_ratio={coreset_ratio} must be in (0, 1].")
@@ -186,6 +186,7 @@ class PatchCore(AnomalyMethod):
         self.embed_dim = embed_dim
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
+        self.blur_border = blur_border
         self.knn_backend = knn_backend
         self.seed = seed
         self.register_buffer("memory_bank", None)
@@ -234,7 +235,7 @@ class PatchCore(AnomalyMethod):
             dist = nn.distances.to(emb.device).view(b, h * w)
             nn_idx = nn.indices.to(emb.device).view(b, h * w)
             _, maps = to_image_maps(dist.view(b, h, w), tuple(batch.images.shape[-2:]),
-                                    self.blur_sigma)
+                                    self.blur_sigma, self.blur_border)
             scores = reweighted_scores(dist, nn_idx, flat, index, self.num_neighbors)
         return Prediction(image_scores=scores, anomaly_maps=maps)
 
@@ -265,6 +266,7 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
         embed_dim=int(method_cfg["embed_dim"]),
         num_neighbors=int(method_cfg["num_neighbors"]),
         blur_sigma=float(method_cfg["blur_sigma"]),
+        blur_border=str(method_cfg["blur_border"]),
         knn_backend=str(method_cfg["knn_backend"]),
         seed=seed,
     )

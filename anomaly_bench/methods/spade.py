@@ -49,7 +49,7 @@ class Spade(AnomalyMethod):
 
     def __init__(self, extractor: torch.nn.Module, *, k: int, kappa: int,
                  global_layer: str, pixel_layers: Sequence[str] | None,
-                 blur_sigma: float, gallery: str, seed: int) -> None:
+                 blur_sigma: float, blur_border: str, gallery: str, seed: int) -> None:
         super().__init__()
         selected = list(extractor.selection)
         if global_layer not in selected:
@@ -74,6 +74,7 @@ class Spade(AnomalyMethod):
         self.global_layer = global_layer
         self.pixel_layers = pixel
         self.blur_sigma = blur_sigma
+        self.blur_border = blur_border
         self.gallery = gallery
         self._rng = torch.Generator().manual_seed(seed)
         self.register_buffer("global_bank", None)  # (N, C)
@@ -174,7 +175,7 @@ class Spade(AnomalyMethod):
                 total += F.interpolate(layer_map, size=size, mode="bilinear",
                                        align_corners=False)
             total /= len(self.pixel_layers)
-            anomaly_maps = gaussian_blur(total, self.blur_sigma).squeeze(1)
+            anomaly_maps = gaussian_blur(total, self.blur_sigma, self.blur_border).squeeze(1)
         return Prediction(image_scores=scores, anomaly_maps=anomaly_maps)
 
 
@@ -198,6 +199,7 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
         global_layer=str(method_cfg["global_layer"]),
         pixel_layers=None if pixel is None else [str(p) for p in pixel],
         blur_sigma=float(method_cfg["blur_sigma"]),
+        blur_border=str(method_cfg["blur_border"]),
         gallery=str(method_cfg["gallery"]),
         seed=seed,
     )

@@ -57,7 +57,7 @@ class TextureKnn(AnomalyMethod):
     name = "texture_knn"
 
     def __init__(self, extractor: torch.nn.Module, *, mode: str, k: int, pool: int,
-                 border: int, impl: str, blur_sigma: float) -> None:
+                 border: int, impl: str, blur_sigma: float, blur_border: str) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"method.mode={mode} is not one of {', '.join(MODES)}.")
@@ -71,6 +71,7 @@ class TextureKnn(AnomalyMethod):
         self.extractor = extractor
         self.mode, self.k, self.pool, self.border, self.impl = mode, k, pool, border, impl
         self.blur_sigma = blur_sigma
+        self.blur_border = blur_border
         self.learning = "zero_shot" if mode == "zero_shot" else "one_class"
         self.register_buffer("bank", None)  # many_shot: (N, C) training patch features
 
@@ -116,7 +117,7 @@ class TextureKnn(AnomalyMethod):
             scores = self.patch_scores(self.features(batch.images))
             maps = F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear",
                                  align_corners=False)
-            maps = gaussian_blur(maps, self.blur_sigma).squeeze(1)
+            maps = gaussian_blur(maps, self.blur_sigma, self.blur_border).squeeze(1)
             e = min(self.border, (min(size) - 1) // 2)
             inner = maps[:, e:size[0] - e, e:size[1] - e] if e else maps
             image_scores = inner.flatten(1).amax(dim=1)
@@ -143,4 +144,5 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
         border=int(method_cfg["border"]),
         impl=str(method_cfg["impl"]),
         blur_sigma=float(method_cfg["blur_sigma"]),
+        blur_border=str(method_cfg["blur_border"]),
     )

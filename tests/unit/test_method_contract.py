@@ -109,3 +109,21 @@ def test_method_contract(method, extra, kind, tmp_path):
     again = restored.predict(batch)
     assert torch.equal(again.image_scores, pred.image_scores)
     assert torch.equal(again.anomaly_maps, pred.anomaly_maps)
+
+
+@pytest.mark.parametrize("method", available())
+def test_blur_border_reaches_the_maps(method, tmp_path):
+    """``method.blur_border`` changes the maps near the image border only: ``reflect``
+    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default) does not."""
+    method_cfg, backbone, layers = _configs(method, {"blur_border": "reflect"}, "cnn")
+    assert build_method(method_cfg, backbone, layers, seed=0).blur_border == "reflect"
+    model = _fitted(method, tmp_path, None, "cnn")
+    assert model.blur_border == "mirror"
+    batch = _test_batch()
+    mirror = model.predict(batch).anomaly_maps
+    model.blur_border = "reflect"
+    reflect = model.predict(batch).anomaly_maps
+    r = int(4 * model.blur_sigma + 0.5)
+    inner = (slice(None), slice(r, -r), slice(r, -r))
+    torch.testing.assert_close(reflect[inner], mirror[inner])
+    assert not torch.allclose(reflect, mirror)

@@ -52,6 +52,8 @@ def test_presets_are_valid(experiment):
     (["method=patchcore", "method.coreset_ratio=1.5"], "method.coreset_ratio=1.5", "<= 1"),
     (["method=spade", "method.k=0"], "method.k=0", "an integer >= 1"),
     (["method=texture_knn", "method.mode=few"], "method.mode='few'", "zero_shot or many_shot"),
+    (["method=patchcore", "method.blur_border=wrap"], "method.blur_border='wrap'",
+     "mirror or reflect"),
     (["plots.max_overlays=-1"], "plots.max_overlays=-1", "an integer >= 0"),
     (["memory_cache_gb=lots"], "memory_cache_gb='lots'", "auto or a number >= 0"),
     (["resume=maybe"], "resume='maybe'", "true or false"),
