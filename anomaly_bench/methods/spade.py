@@ -8,6 +8,12 @@ equally weighted) every test position's mean squared distance to its ``kappa`` n
 features in the gallery of all positions of the K retrieved images (kappa = 1); the
 per-block maps are resized bilinearly to the image, averaged, and blurred (sigma = 4).
 
+Any backbone kind works: ``global_layer`` and ``pixel_layers`` name the extractor's
+selected features, ``layer1`` .. ``layer4`` on a CNN, ``block<i>`` for the transformer
+blocks ``layers.blocks`` selects on a ViT or CLIP tower. ``global_layer: null`` (the
+default) is the deepest selected feature: layer4 with SPADE's CNN layers (the paper), the
+last of ``layers.blocks`` on a transformer.
+
 ``gallery=random`` replaces the K retrieved images by K training images drawn at random
 per test image (the paper's Table 7 ablation; seeded by the run seed, drawn in test
 order); the image score stays the retrieval's.
@@ -48,22 +54,31 @@ class Spade(AnomalyMethod):
     name = "spade"
 
     def __init__(self, extractor: torch.nn.Module, *, k: int, kappa: int,
-                 global_layer: str, pixel_layers: Sequence[str] | None,
+                 global_layer: str | None, pixel_layers: Sequence[str] | None,
                  blur_sigma: float, blur_border: str, gallery: str, seed: int) -> None:
         super().__init__()
-        selected = list(extractor.selection)
+        selected = list(extractor.block_names)  # feature names, shallowest first
+        allowed = ", ".join(selected)
+        how = ("layers.<stage>=-1" if getattr(extractor, "kind", "cnn") == "cnn"
+               else "layers.blocks=[...]")
+        if global_layer is None:
+            global_layer = selected[-1]
         if global_layer not in selected:
             raise ConfigError(
-                f"method.global_layer={global_layer} is not selected by layers "
-                f"({extractor.tag}); set layers.{global_layer}=-1 or pick one of {selected}."
+                f"method.global_layer={global_layer!r} is not a feature of the selected "
+                f"blocks ({extractor.tag}): allowed names are {allowed}, or null for the "
+                f"deepest ({selected[-1]}); select more blocks with {how}."
             )
         pixel = [s for s in selected if s != global_layer] if pixel_layers is None \
             else list(pixel_layers)
         missing = [s for s in pixel if s not in selected]
         if missing or not pixel:
             raise ConfigError(
-                f"method.pixel_layers={pixel} must name selected stages other than nothing "
-                f"(selected: {selected}); set layers.<stage>=-1 for each."
+                f"method.pixel_layers={pixel} must name at least one selected feature "
+                f"({extractor.tag}): allowed names are {allowed}"
+                + ("" if pixel_layers is not None else
+                   f", other than method.global_layer={global_layer}")
+                + f"; select more blocks with {how}."
             )
         if k < 1 or kappa < 1:
             raise ConfigError(f"method.k={k} and method.kappa={kappa} must be at least 1.")
@@ -182,7 +197,7 @@ class Spade(AnomalyMethod):
 SCHEMA = {
     "k": Key(int, lo=1),
     "kappa": Key(int, lo=1),
-    "global_layer": one_of("layer1", "layer2", "layer3", "layer4"),
+    "global_layer": Key(str, null=True),  # a selected feature name, checked when built
     "pixel_layers": Key("names", null=True),
     "gallery": one_of(*GALLERIES),
 }
@@ -192,12 +207,14 @@ SCHEMA = {
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> Spade:
     pixel = method_cfg["pixel_layers"]
+    glob = method_cfg["global_layer"]
     return Spade(
         build_extractor(backbone_cfg, layers_cfg, seed),
         k=int(method_cfg["k"]),
         kappa=int(method_cfg["kappa"]),
-        global_layer=str(method_cfg["global_layer"]),
-        pixel_layers=None if pixel is None else [str(p) for p in pixel],
+        global_layer=None if glob is None else str(glob),
+        pixel_layers=(None if pixel is None else [pixel] if isinstance(pixel, str)
+                      else [str(p) for p in pixel]),
         blur_sigma=float(method_cfg["blur_sigma"]),
         blur_border=str(method_cfg["blur_border"]),
         gallery=str(method_cfg["gallery"]),

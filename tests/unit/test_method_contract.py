@@ -28,8 +28,8 @@ CLIP = {"name": "Tiny-CLIP-test", "kind": "clip", "hub_tag": None, "pretrained":
         "weights": None, "image_size": None, "truncate": True,
         "cache": {"enabled": False, "dir": "unused"}}
 #: Blocks of the transformer per method (texture kNN reads one block).
-VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4]}
-CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2]}
+VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4], "spade": [3, 6, 9]}
+CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
@@ -127,3 +127,21 @@ def test_blur_border_reaches_the_maps(method, tmp_path):
     inner = (slice(None), slice(r, -r), slice(r, -r))
     torch.testing.assert_close(reflect[inner], mirror[inner])
     assert not torch.allclose(reflect, mirror)
+
+
+@pytest.mark.parametrize(("kind", "names"), [("vit", ["block3", "block6", "block9"]),
+                                             ("clip", ["block0", "block1", "block2"])])
+def test_spade_on_a_transformer_names_its_blocks(kind, names):
+    """SPADE's layers are the extractor's feature names: on a transformer the global
+    feature defaults to the deepest selected block, and a CNN stage name is refused with
+    the names that are allowed."""
+    from anomaly_bench.errors import ConfigError
+
+    method_cfg, backbone, layers = _configs("spade", None, kind)
+    model = build_method(method_cfg, backbone, layers, seed=0)
+    assert model.global_layer == names[-1] and model.pixel_layers == names[:-1]
+    chosen = build_method({**method_cfg, "global_layer": names[0], "pixel_layers": names[1:2]},
+                          backbone, layers, seed=0)
+    assert chosen.global_layer == names[0] and chosen.pixel_layers == names[1:2]
+    with pytest.raises(ConfigError, match=rf"global_layer='layer4'.*{', '.join(names)}"):
+        build_method({**method_cfg, "global_layer": "layer4"}, backbone, layers, seed=0)

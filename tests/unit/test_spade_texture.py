@@ -142,10 +142,24 @@ def test_spade_default_preprocessing_is_the_papers():
         build_method({"name": "spade", "gallery": "far"}, BACKBONE, SPADE_LAYERS, seed=0)
 
 
-def test_spade_needs_its_global_layer():
+def test_spade_global_layer_is_a_selected_feature_or_the_deepest():
+    """``global_layer: null`` (the YAML default) is the deepest selected feature: layer4
+    with SPADE's layers, as the paper; a name must be one of the selected features."""
+    model = build_method({"name": "spade"}, BACKBONE, SPADE_LAYERS, seed=0)
+    assert model.global_layer == "layer4"
+    assert model.pixel_layers == ["layer1", "layer2", "layer3"]
     layers = {"layer1": -1, "layer2": -1, "layer3": -1, "layer4": None}
-    with pytest.raises(ConfigError, match="global_layer"):
-        build_method({"name": "spade"}, BACKBONE, layers, seed=0)
+    shallower = build_method({"name": "spade"}, BACKBONE, layers, seed=0)
+    assert shallower.global_layer == "layer3" and shallower.pixel_layers == ["layer1", "layer2"]
+    with pytest.raises(ConfigError, match=r"method.global_layer='layer4'.*layer1, layer2, "
+                                          r"layer3.*null for the deepest \(layer3\)"):
+        build_method({"name": "spade", "global_layer": "layer4"}, BACKBONE, layers, seed=0)
+    one = build_method({"name": "spade", "pixel_layers": "layer2"}, BACKBONE, SPADE_LAYERS,
+                       seed=0)
+    assert one.pixel_layers == ["layer2"]  # a single name is one feature, not its letters
+    with pytest.raises(ConfigError, match="pixel_layers"):
+        build_method({"name": "spade", "pixel_layers": ["layer5"]}, BACKBONE, SPADE_LAYERS,
+                     seed=0)
 
 
 TEX_LAYERS = {"layer1": None, "layer2": -1, "layer3": None, "layer4": None}
