@@ -27,7 +27,12 @@ import torch
 
 from anomaly_bench.errors import CheckpointError
 from anomaly_bench.fsutil import atomic_open
-from anomaly_bench.methods import AnomalyMethod, build_method, load_fitted_state
+from anomaly_bench.methods import (
+    AnomalyMethod,
+    build_method,
+    load_fitted_state,
+    method_defaults,
+)
 from anomaly_bench.schema import differences
 
 FORMAT = "anomaly-bench/2"
@@ -197,12 +202,17 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
     model fitted once on a whole (auxiliary) dataset is tested on any dataset and
     category: ``allow_other_dataset`` leaves both out.
     """
+    name = config["method"].get("name")
+
     def model(groups: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         backbone = {k: v for k, v in groups["backbone"].items()
                     if k not in _NEUTRAL_BACKBONE_KEYS}
+        method = dict(groups["method"])
+        if method.get("name") == name:  # a key added since the file was written: its default
+            method = {**method_defaults(name), **method}  # is what the model was fitted with
         keys = ("weights",) + (() if allow_other_dataset else ("dataset",)) + (
             () if allow_other_category or allow_other_dataset else ("category",))
-        return {**{k: groups[k] for k in MODEL_KEYS}, "backbone": backbone,
+        return {**{k: groups[k] for k in MODEL_KEYS}, "method": method, "backbone": backbone,
                 **{k: meta[k] for k in keys}}
 
     diff = differences(model(payload["config"], payload["meta"]), model(config, wanted))

@@ -36,7 +36,13 @@ from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import ConfigError, DataError
 from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.memo import MEMO, file_stamp
-from anomaly_bench.methods import AnomalyMethod, MethodContext, build_method, method_schema
+from anomaly_bench.methods import (
+    AnomalyMethod,
+    MethodContext,
+    build_method,
+    method_defaults,
+    method_schema,
+)
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
 from anomaly_bench.paths import check_name, inside
 from anomaly_bench.report import plots
@@ -200,6 +206,10 @@ class Runner:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
+        if isinstance(stored, dict) and isinstance(stored.get("method"), dict) \
+                and stored["method"].get("name") == wanted["method"]["name"]:
+            # a method key added since the row was written: its default is what ran
+            stored["method"] = {**method_defaults(wanted["method"]["name"]), **stored["method"]}
         diff = differences(stored, wanted) if isinstance(stored, dict) else None
         if diff == []:
             return

@@ -7,6 +7,7 @@ from anomaly_bench.methods.base import (
     available,
     build_method,
     load_fitted_state,
+    method_defaults,
     method_schema,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "available",
     "build_method",
     "load_fitted_state",
+    "method_defaults",
     "method_schema",
 ]

@@ -7,6 +7,7 @@ run directory, a mismatch is a clear error, and nothing computed is lost.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import pickle
@@ -127,6 +128,12 @@ def test_resume_reuses_only_the_same_configuration(mvtec, tmp_path):
     again = run_cli(base, run)
     assert again.code == 0 and "skipped (resume=true)" in again.stderr + again.stdout
     assert read_rows(run / "results.csv") == rows  # nothing recomputed
+    config = run / "bottle" / "config.json"
+    stored = json.loads(config.read_text())
+    del stored["method"]["blur_border"]  # a row written before that key existed
+    config.write_text(json.dumps(stored))
+    older = run_cli(base, run)
+    assert older.code == 0 and "skipped (resume=true)" in older.stderr + older.stdout
     other = run_cli([*base, "method=patchcore"], run)
     assert_clean_error(other, "already holds a result for category bottle",
                        "method.name: 'padim' there, 'patchcore' now", "resume=false")

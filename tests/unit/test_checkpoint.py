@@ -186,6 +186,19 @@ def test_mismatched_config_names_both_values(saved, group, key, value, needle):
     assert needle in str(err.value) and f"{key}={value!r}" in str(err.value)
 
 
+def test_a_key_added_after_the_file_counts_with_its_default(saved):
+    """A checkpoint written before ``blur_border`` existed was fitted with its default."""
+    path, _, _ = saved
+    payload = checkpoint.load(path)
+    assert "blur_border" not in payload["config"]["method"]
+    config = copy.deepcopy(CONFIG)
+    config["method"]["blur_border"] = "mirror"
+    checkpoint.check_matches(payload, path, config, WANTED, False)
+    config["method"]["blur_border"] = "reflect"
+    with pytest.raises(CheckpointError, match=re.escape("method.blur_border='mirror'")):
+        checkpoint.check_matches(payload, path, config, WANTED, False)
+
+
 def test_weights_dataset_and_category_are_checked(saved):
     path, _, _ = saved
     payload = checkpoint.load(path)
