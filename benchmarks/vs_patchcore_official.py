@@ -73,28 +73,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from vs_anomalib import CATEGORIES, make_weights  # the same inputs as that benchmark
 
 BATCH = 8
 LAYERS = ["layer2", "layer3"]
 IMAGE = 224
 SIGMA = 4.0
 CPU = torch.device("cpu")
-#: The synthetic categories run by default, and what kind of data each is.
-CATEGORIES = {"stripes": "texture", "grain": "texture", "rotated_part": "object"}
 
 
 # ---------------------------------------------------------------------- shared inputs
-def make_weights(path: Path, seed: int = 0) -> Path:
-    """Seeded random WideResNet50-2 weights (timm keys), as anomaly-bench builds them."""
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = timm.create_model("wide_resnet50_2", pretrained=False, zero_init_last=False)
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def load_split(root: Path, category: str, n_train: int):
     """(train batches, test batches) of our loader: 256 resize, 224 crop, normalised."""
     from anomaly_bench.data import Preprocess, get_layout, make_loader
