@@ -141,6 +141,14 @@ def theirs(method: str, weights: Path, channel_idx: torch.Tensor | None):
     return model, fit, predict
 
 
+def _their_patch_embeddings(model, images: torch.Tensor) -> torch.Tensor:
+    """anomalib's PatchCore embedding of ``images`` as (B, positions, D)."""
+    feats = model.feature_extractor(images)
+    emb = model.generate_embedding({k: model.feature_pooler(v) for k, v in feats.items()})
+    b, d = emb.shape[:2]
+    return emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+
+
 def our_scoring_of_their_patchcore(model, test) -> torch.Tensor:
     """Image scores of anomalib's PatchCore embeddings and memory bank, computed by our
     kNN search and eq. 7 reweighting: isolates the scoring from the embedding."""
@@ -151,11 +159,8 @@ def our_scoring_of_their_patchcore(model, test) -> torch.Tensor:
     scores = []
     with torch.no_grad():
         for batch in test:
-            feats = model.feature_extractor(batch.images)
-            feats = {k: model.feature_pooler(v) for k, v in feats.items()}
-            emb = model.generate_embedding(feats)
-            b, d = emb.shape[:2]
-            flat = emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+            flat = _their_patch_embeddings(model, batch.images)
+            b, d = flat.shape[0], flat.shape[2]
             nn = index.search(flat.reshape(-1, d), 1)
             scores.append(reweighted_scores(nn.distances.view(b, -1), nn.indices.view(b, -1),
                                             flat, index, model.num_neighbors))
@@ -171,11 +176,8 @@ def reference_scoring_of_their_patchcore(model, test) -> tuple[torch.Tensor, flo
     scores, err = [], 0.0
     with torch.no_grad():
         for batch in test:
-            feats = model.feature_extractor(batch.images)
-            feats = {k: model.feature_pooler(v) for k, v in feats.items()}
-            emb = model.generate_embedding(feats)
-            b, d = emb.shape[:2]
-            flat = emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+            flat = _their_patch_embeddings(model, batch.images)
+            b, d = flat.shape[0], flat.shape[2]
             dist = torch.cdist(flat.double(), bank.expand(b, -1, -1))  # (B, P, N)
             patch, nn_idx = dist.min(dim=2)
             theirs, _ = model.nearest_neighbors(flat.reshape(-1, d), 1)
