@@ -334,6 +334,13 @@ def run_all(weights: Path, root: Path, category: str, work: Path, rounds: int = 
     return results
 
 
+def machine_line() -> str:
+    """Date, CPU, threads, Python and torch: how a benchmark's header starts."""
+    return (f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} CPU threads; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
 def report(runs: list[dict]) -> str:
     """Markdown of every run: ``runs`` holds per dataset its name, kind, worker results,
     AUPRO and coreset comparisons."""
@@ -343,9 +350,7 @@ def report(runs: list[dict]) -> str:
     lines = [
         "# anomaly-bench vs anomalib",
         "",
-        f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads; Python {platform.python_version()}, torch "
-        f"{torch.__version__}, anomalib {anomalib.__version__}; data: {names}; "
+        f"{machine_line()}, anomalib {anomalib.__version__}; data: {names}; "
         "WideResNet50-2 with the same seeded random weights in both; 256 resize, 224 crop; "
         f"fit s and test ms/img: fastest of {runs[0]['rounds']} runs alternating the systems, "
         "each test run the fastest of 3 passes.",

@@ -60,9 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -73,7 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from vs_anomalib import CATEGORIES, make_weights  # the same inputs as that benchmark
+from vs_anomalib import CATEGORIES, machine_line, make_weights  # the same inputs as that benchmark
 
 BATCH = 8
 LAYERS = ["layer2", "layer3"]
@@ -269,29 +267,15 @@ def map_diff(a: torch.Tensor, ref: torch.Tensor, margin: int) -> tuple[float, fl
     return float(d.max()) / scale, float(d[:, margin:-margin, margin:-margin].max()) / scale
 
 
-def blur_variants() -> tuple[list[tuple[str, dict]], str]:
-    """Our blur's border options present in ``ops.blur.gaussian_blur`` right now."""
-    from anomaly_bench.ops.blur import gaussian_blur
-
-    params = inspect.signature(gaussian_blur).parameters
-    if "border" not in params:
-        return [("default (torch reflect = scipy mirror)", {})], (
-            "`ops.blur.gaussian_blur` has no `border` argument in this tree: only its "
-            "default border is measured.")
-    default = params["border"].default
-    rows = [(f"default (border={default!r})", {})]
-    rows += [(f"border={b!r}", {"border": b}) for b in ("reflect", "mirror") if b != default]
-    return rows, f"`ops.blur.gaussian_blur` takes `border=` (default {default!r})."
-
-
 # ---------------------------------------------------------------------- one category
 def run_category(pc, weights: Path, root: Path, category: str, n_train: int,
                  seed: int) -> dict:
     from scipy import ndimage
 
+    from anomaly_bench.methods import method_defaults
     from anomaly_bench.methods.common import to_image_maps
     from anomaly_bench.methods.patchcore import reweighted_scores
-    from anomaly_bench.ops.blur import gaussian_blur
+    from anomaly_bench.ops.blur import BORDERS, gaussian_blur
     from anomaly_bench.ops.coreset import coreset_size, greedy_coreset
     from anomaly_bench.ops.knn import KnnIndex
 
@@ -409,10 +393,14 @@ def run_category(pc, weights: Path, root: Path, category: str, n_train: int,
     size = (IMAGE, IMAGE)
     margin = int(4 * SIGMA + 0.5) + 1
     up = F.interpolate(grid.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-    maps = {"ours, `to_image_maps` as PatchCore calls it": to_image_maps(grid, size, SIGMA)[1]}
-    variants, out["border_note"] = blur_variants()
-    for label, kw in variants[1:]:
-        maps[f"ours, `gaussian_blur({label})`"] = gaussian_blur(up, SIGMA, **kw).squeeze(1)
+    default = method_defaults("patchcore")["blur_border"]
+    maps = {f"ours, `to_image_maps` as PatchCore calls it (blur_border={default!r})":
+            to_image_maps(grid, size, SIGMA, default)[1]}
+    for border in (b for b in BORDERS if b != default):
+        maps[f"ours, `gaussian_blur(border={border!r})`"] = gaussian_blur(
+            up, SIGMA, border).squeeze(1)
+    out["border_note"] = (f"PatchCore's `method.blur_border` defaults to {default!r}; "
+                          f"`ops.blur.gaussian_blur` offers {', '.join(BORDERS)}.")
     up_np = up.squeeze(1).numpy()
     maps["scipy `gaussian_filter(mode='mirror')` (reference)"] = torch.from_numpy(
         np.stack([ndimage.gaussian_filter(m, sigma=SIGMA, mode="mirror") for m in up_np]))
@@ -460,9 +448,7 @@ def report(runs: list[dict], official_path: Path, args, seconds: float) -> str:
     lines = [
         "# anomaly-bench PatchCore vs the official PatchCore (patchcore-inspection)",
         "",
-        f"{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} CPU threads; Python {platform.python_version()}, torch "
-        f"{torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+        f"{machine_line()}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"faiss {faiss.__version__}, scipy {scipy.__version__}; official code "
         f"{official_revision(official_path)}; data: {names}; {runs[0]['n_train']} training "
         f"images, {runs[0]['n_test']} test images; WideResNet50-2 layer2 + layer3 with the same "

@@ -103,7 +103,7 @@ def concat_pyramid(features: Mapping[str, torch.Tensor],
 
 
 def to_image_maps(patch_scores: torch.Tensor, image_size: tuple[int, int],
-                  sigma: float, border: str = "mirror") -> tuple[torch.Tensor, torch.Tensor]:
+                  sigma: float, border: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear-upsample (B, h, w) patch scores to the image, blur, and take the max.
 
     ``border`` is the blur's border convention (``method.blur_border``: ``mirror`` or
