@@ -11,7 +11,7 @@ continues from that state to the same final weights as an uninterrupted one: eac
 order and augmentation are drawn from generators seeded by (seed, epoch), and the global
 generators are restored as they were at the end of the saved epoch.
 
-The state file is data, never code (see :mod:`anomaly_bench.checkpoint`): tensors,
+The state file is data, never code (see :mod:`anomaly_bench.datafile`): tensors,
 numbers, strings and containers, loaded with ``weights_only=True`` and checked against
 its SHA-256.
 """
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anomaly_bench import checkpoint
+from anomaly_bench import datafile
 from anomaly_bench.errors import CheckpointError
 from anomaly_bench.schema import Key, one_of
 from anomaly_bench.types import Batch
@@ -232,12 +232,12 @@ def save_state(path: Path, method: nn.Module, params: list[nn.Parameter],
     state = {"trained": _trained_state(method, params), "optimizer": optimizer.state_dict(),
              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
              "rng": _rng_state(), "epoch": int(epoch), "losses": list(losses)}
-    checkpoint.write_data(path, "training", dict(description), state)
+    datafile.write_data(path, "training", dict(description), state)
 
 
 def load_state(path: Path, description: Mapping[str, Any]) -> dict[str, Any]:
     """Read a training state; CheckpointError when damaged or of another training."""
-    stored, state = checkpoint.read_data(path, "training")
+    stored, state = datafile.read_data(path, "training")
     if dict(stored) != dict(description):
         diff = [k for k in sorted(set(stored) | set(description))
                 if stored.get(k) != description.get(k)]

@@ -33,6 +33,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.data import Preprocess, ensure_synthetic, get_layout, make_loader
 from anomaly_bench.methods import build_method
 from anomaly_bench.runtime import Stopwatch, resolve_device
@@ -76,7 +77,7 @@ def measure(name: str, split, device: torch.device, batch_size: int, extra: list
     cfg = method_config(name, extra)
     method_cfg, res = cfg["method"], cfg["resolution"]
     model = build_method(method_cfg, cfg["backbone"], cfg["layers"], seed=0).to(device).eval()
-    pre = Preprocess(size=res["size"], crop=res["crop"])
+    pre = Preprocess(size=res["size"], crop=res["crop"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def batches(records):
         for b in make_loader(records, pre, batch_size, 0, with_masks=False):

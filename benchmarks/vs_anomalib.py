@@ -66,11 +66,12 @@ def make_weights(path: Path, seed: int = 0) -> Path:
 
 
 def load_split(root: Path, category: str):
+    from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
     from anomaly_bench.data import Preprocess, get_layout, make_loader
 
     layout = get_layout("mvtec" if (root / category / "ground_truth").is_dir() else "folder")
     split = layout.split(root, category)
-    pre = Preprocess(size=256, crop=224)
+    pre = Preprocess(size=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def batches(records):
         return list(make_loader(records, pre, BATCH, 0, with_masks=split.has_masks))

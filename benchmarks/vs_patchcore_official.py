@@ -83,11 +83,12 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------------- shared inputs
 def load_split(root: Path, category: str, n_train: int):
     """(train batches, test batches) of our loader: 256 resize, 224 crop, normalised."""
+    from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
     from anomaly_bench.data import Preprocess, get_layout, make_loader
 
     layout = get_layout("mvtec" if (root / category / "ground_truth").is_dir() else "folder")
     split = layout.split(root, category)
-    pre = Preprocess(size=256, crop=IMAGE)
+    pre = Preprocess(size=256, crop=IMAGE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     def batches(records):
         return list(make_loader(records, pre, BATCH, 0, with_masks=split.has_masks))

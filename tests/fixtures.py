@@ -219,3 +219,11 @@ def register_tiny_clip(folder: Path) -> str:
     (folder / "Tiny-CLIP-test.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(folder)
     return "Tiny-CLIP-test"
+
+
+def preprocess(size: int | None = 256, crop: int | None = 224):
+    """:class:`~anomaly_bench.data.Preprocess` with ImageNet statistics (a CNN's input)."""
+    from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+    from anomaly_bench.data import Preprocess
+
+    return Preprocess(size=size, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)

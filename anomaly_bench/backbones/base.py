@@ -25,8 +25,11 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.cache import FeatureCache, image_key
-from anomaly_bench.data.loading import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.memo import Derived, known
+
+#: ImageNet's input statistics: the normalisation of timm's CNNs, MAE and most ViTs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Features(dict):

@@ -1,8 +1,6 @@
 """Datasets: layouts by name, the synthetic generator, preprocessing and loaders."""
 
 from .loading import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Preprocess,
     RecordDataset,
     collate,
@@ -22,8 +20,6 @@ from .registry import (
 from .synthetic import SYNTHETIC_CATEGORIES, ensure_synthetic
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "LAYOUTS",
     "SYNTHETIC_CATEGORIES",
     "DatasetLayout",

@@ -22,9 +22,6 @@ from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
 from anomaly_bench.memo import MEMO, file_stamp
 from anomaly_bench.types import ANOMALOUS, Batch, SampleRecord
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 #: ``transform_pil(image, mask, record)`` -> ``(image, mask)`` or ``(image, mask, k)``: applied
 #: to the native-size PIL image and mask (None when there is none) before preprocessing,
 #: e.g. by alignment to rotate both; ``k`` (quarter turns applied) goes to ``Batch.rotations``.
@@ -121,15 +118,15 @@ def image_sizes(paths: Sequence[str | Path]) -> dict[tuple[int, int], list[Path]
 # ---------------------------------------------------------------------- preprocessing
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize to ``size`` x ``size`` (None = native), centre-crop ``crop`` (None = none), normalise.
-
-    The MVTec papers' 256 resize / 224 crop is the default.
+    """Resize to ``size`` x ``size`` (None = native), centre-crop ``crop`` (None = none), and
+    normalise with ``mean`` and ``std``: the backbone's own input statistics
+    (:attr:`~anomaly_bench.backbones.base.Backbone.mean`), which the runner passes.
     """
 
-    size: int | None = 256
-    crop: int | None = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    size: int | None
+    crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
         for key in ("size", "crop"):

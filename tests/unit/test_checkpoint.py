@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomaly_bench import checkpoint
+from anomaly_bench import checkpoint, datafile
 from anomaly_bench.errors import CheckpointError
 from anomaly_bench.methods import build_method
 from anomaly_bench.types import Batch
@@ -60,8 +60,8 @@ def test_a_pickled_command_is_never_run(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pt"
     with evil.open("wb") as fh:
-        pickle.dump({"format": checkpoint.FORMAT, "meta": _Payload(marker)}, fh)
-    torch.save({"format": checkpoint.FORMAT, "x": _Payload(marker)}, tmp_path / "evil2.pt")
+        pickle.dump({"format": datafile.FORMAT, "meta": _Payload(marker)}, fh)
+    torch.save({"format": datafile.FORMAT, "x": _Payload(marker)}, tmp_path / "evil2.pt")
     for path in (evil, tmp_path / "evil2.pt"):
         with pytest.raises(CheckpointError, match="cannot be read"):
             checkpoint.load(path)
@@ -132,7 +132,7 @@ def test_a_consistent_file_missing_a_description_key_is_named(saved, tmp_path, d
     payload = _raw(path)
     outer, _, inner = drop.partition(".")
     del payload["description"][outer][inner]
-    checkpoint.write_data(tmp_path / "model.pt", "model", payload["description"],
+    datafile.write_data(tmp_path / "model.pt", "model", payload["description"],
                           payload["data"])
     with pytest.raises(CheckpointError, match=f"incomplete.*{drop}"):
         checkpoint.load(tmp_path / "model.pt")
@@ -155,7 +155,7 @@ def test_other_format_or_kind_is_refused(saved, tmp_path):
     with pytest.raises(CheckpointError, match="anomaly-bench/1"):
         checkpoint.load(tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"'model'.*expected.*'training'"):
-        checkpoint.read_data(path, "training")
+        datafile.read_data(path, "training")
 
 
 WANTED = {"weights": "random(seed=0)", "dataset": "mvtec", "category": "bottle"}

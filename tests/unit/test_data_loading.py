@@ -3,13 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from fixtures import write_gray16, write_image, write_mask
+from fixtures import preprocess, write_gray16, write_image, write_mask
 from PIL import Image
 
+from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocess,
     RecordDataset,
     denormalize,
     get_layout,
@@ -29,7 +27,7 @@ def test_preprocess_output_shapes(tmp_path, size, crop, native, expected):
     h, w = native
     img = Image.open(write_image(tmp_path / "a.png", size=(w, h)))
     mask = Image.open(write_mask(tmp_path / "m.png", size=(w, h)))
-    pre = Preprocess(size=size, crop=crop)
+    pre = preprocess(size=size, crop=crop)
     assert pre.output_size(native) == expected
     x, m = pre.image(img), pre.mask(mask)
     assert x.shape == (3, *expected) and x.dtype == torch.float32
@@ -38,14 +36,14 @@ def test_preprocess_output_shapes(tmp_path, size, crop, native, expected):
 
 def test_crop_larger_than_image_is_a_config_error():
     with pytest.raises(ConfigError, match="crop=300"):
-        Preprocess(size=256, crop=300).output_size((10, 10))
+        preprocess(size=256, crop=300).output_size((10, 10))
     with pytest.raises(ConfigError):
-        Preprocess(size=0)
+        preprocess(size=0)
 
 
 def test_normalisation_and_denormalize_round_trip(tmp_path):
     arr = np.full((8, 8, 3), (255, 128, 0), np.uint8)
-    pre = Preprocess(size=None, crop=None)
+    pre = preprocess(size=None, crop=None)
     x = pre.image(Image.fromarray(arr))
     stats = zip((255, 128, 0), IMAGENET_MEAN, IMAGENET_STD, strict=True)
     want = [(v / 255 - m) / s for v, m, s in stats]
@@ -59,7 +57,7 @@ def test_center_crop_matches_the_mask_geometry(tmp_path):
     # a defect square at the centre of a 64x64 image stays centred after 32 resize + 16 crop
     img = write_image(tmp_path / "a.png", size=(64, 64))
     mask = write_mask(tmp_path / "m.png", size=(64, 64), box=(24, 24, 40, 40))
-    pre = Preprocess(size=32, crop=16)
+    pre = preprocess(size=32, crop=16)
     m = pre.mask(Image.open(mask))[0]
     assert m[4:12, 4:12].all() and m.sum() == 64
     assert pre.image(Image.open(img)).shape == (3, 16, 16)
@@ -67,7 +65,7 @@ def test_center_crop_matches_the_mask_geometry(tmp_path):
 
 def test_grayscale_becomes_three_channels(tmp_path):
     path = write_image(tmp_path / "g.png", mode="L")
-    item = RecordDataset([SampleRecord(path, 0)], Preprocess(None, None))[0]
+    item = RecordDataset([SampleRecord(path, 0)], preprocess(None, None))[0]
     x = item["image"]
     assert x.shape == (3, 32, 32)
     raw = torch.from_numpy(np.asarray(Image.open(path), np.float32) / 255)
@@ -78,7 +76,7 @@ def test_grayscale_becomes_three_channels(tmp_path):
 def test_sixteen_bit_grayscale_is_scaled(tmp_path):
     arr = np.full((4, 4), 65535, np.uint16)
     Image.fromarray(arr).save(tmp_path / "w.png")
-    x = RecordDataset([SampleRecord(tmp_path / "w.png", 0)], Preprocess(None, None))[0]["image"]
+    x = RecordDataset([SampleRecord(tmp_path / "w.png", 0)], preprocess(None, None))[0]["image"]
     assert torch.allclose(x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], torch.ones(4, 4), atol=1e-5)
 
 
@@ -107,7 +105,7 @@ def test_same_sixteen_bit_value_gives_the_same_eight_bit_value(tmp_path, dark_ma
 
 
 def test_mode_i_and_float_images_use_fixed_scales():
-    pre = Preprocess(None, None)
+    pre = preprocess(None, None)
 
     def eight_bit(im):
         x = pre.image(im)[0]
@@ -124,7 +122,7 @@ def test_mode_i_and_float_images_use_fixed_scales():
 def test_loader_yields_batches_with_masks(make_dataset):
     root = make_dataset("mvtec", categories=("bottle",))
     split = get_layout("mvtec").split(root, "bottle")
-    batches = list(make_loader(split.test, Preprocess(64, 48), batch_size=4))
+    batches = list(make_loader(split.test, preprocess(64, 48), batch_size=4))
     assert [len(b.paths) for b in batches] == [4, 2]
     batch = batches[0]
     assert isinstance(batch, Batch)
@@ -134,7 +132,7 @@ def test_loader_yields_batches_with_masks(make_dataset):
     assert batch.defect_types == ["crack", "crack", "good", "good"]
     assert batch.masks[2:].sum() == 0 and (batch.masks[:2].sum((1, 2, 3)) > 0).all()
     assert set(batch.masks.unique().tolist()) == {0.0, 1.0}
-    no_masks = next(iter(make_loader(split.test, Preprocess(64, 48), 4, with_masks=False)))
+    no_masks = next(iter(make_loader(split.test, preprocess(64, 48), 4, with_masks=False)))
     assert no_masks.masks is None
 
 
@@ -147,7 +145,7 @@ def test_transform_hook_turns_image_and_mask(tmp_path):
         assert record is rec
         return image.transpose(Image.Transpose.ROTATE_90), m.transpose(Image.Transpose.ROTATE_90), 1
 
-    pre = Preprocess(None, None)
+    pre = preprocess(None, None)
     batch = next(iter(make_loader([rec], pre, 1, transform_pil=quarter_turn)))
     plain = next(iter(make_loader([rec], pre, 1)))
     assert batch.rotations.tolist() == [1]
@@ -159,7 +157,7 @@ def test_truncated_png_names_the_file(tmp_path):
     path = write_image(tmp_path / "cut.png", size=(64, 64))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    loader = make_loader([SampleRecord(path, 0)], Preprocess(None, None), 1)
+    loader = make_loader([SampleRecord(path, 0)], preprocess(None, None), 1)
     with pytest.raises(DataError) as err:
         next(iter(loader))
     assert str(path) in str(err.value)
@@ -169,13 +167,13 @@ def test_unreadable_image_names_the_file(tmp_path):
     path = tmp_path / "junk.png"
     path.write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"junk\.png"):
-        RecordDataset([SampleRecord(path, 0)], Preprocess())[0]
+        RecordDataset([SampleRecord(path, 0)], preprocess())[0]
 
 
 def test_mask_size_mismatch(tmp_path):
     img = write_image(tmp_path / "img.png", size=(64, 64))
     mask = write_mask(tmp_path / "img_mask.png", size=(100, 80))
-    ds = RecordDataset([SampleRecord(img, 1, "crack", mask)], Preprocess())
+    ds = RecordDataset([SampleRecord(img, 1, "crack", mask)], preprocess())
     with pytest.raises(DataError) as err:
         ds[0]
     assert f"mask {mask} is 100x80 but image {img} is 64x64" in str(err.value).lower()
@@ -183,16 +181,16 @@ def test_mask_size_mismatch(tmp_path):
 
 def test_anomalous_record_without_mask_when_masks_expected(tmp_path):
     img = write_image(tmp_path / "img.png")
-    ds = RecordDataset([SampleRecord(img, 1, "crack")], Preprocess(), with_masks=True)
+    ds = RecordDataset([SampleRecord(img, 1, "crack")], preprocess(), with_masks=True)
     with pytest.raises(DataError, match=r"img\.png has no mask"):
         ds[0]
-    assert "mask" not in RecordDataset([SampleRecord(img, 1)], Preprocess(), False)[0]
+    assert "mask" not in RecordDataset([SampleRecord(img, 1)], preprocess(), False)[0]
 
 
 def test_mixed_native_sizes_in_a_batch(tmp_path):
     a = write_image(tmp_path / "a.png", size=(32, 32))
     b = write_image(tmp_path / "b.png", size=(40, 32))
-    loader = make_loader([SampleRecord(a, 0), SampleRecord(b, 0)], Preprocess(None, None), 2)
+    loader = make_loader([SampleRecord(a, 0), SampleRecord(b, 0)], preprocess(None, None), 2)
     with pytest.raises(DataError, match=r"resolution\.size"):
         next(iter(loader))
 
@@ -200,7 +198,7 @@ def test_mixed_native_sizes_in_a_batch(tmp_path):
 def test_worker_errors_keep_their_message(tmp_path):
     path = tmp_path / "junk.png"
     path.write_bytes(b"\x89PNG broken")
-    loader = make_loader([SampleRecord(path, 0)], Preprocess(None, None), 1, num_workers=1)
+    loader = make_loader([SampleRecord(path, 0)], preprocess(None, None), 1, num_workers=1)
     with pytest.raises(DataError) as err:
         next(iter(loader))
     msg = str(err.value)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from fixtures import write_stc
+from fixtures import preprocess, write_stc
 from PIL import Image
 
-from anomaly_bench.data import Preprocess, get_layout, make_loader
+from anomaly_bench.data import get_layout, make_loader
 from anomaly_bench.errors import ConfigError, DataError
 
 
@@ -42,7 +42,7 @@ def test_cache_is_reused(stc):
 
 def test_loader_reads_frames_and_masks(stc):
     split = get_layout("stc").split(stc, "01")
-    batch = next(iter(make_loader(split.test, Preprocess(size=32, crop=None), 6, 0,
+    batch = next(iter(make_loader(split.test, preprocess(size=32, crop=None), 6, 0,
                                   with_masks=True)))
     assert batch.images.shape == (6, 3, 32, 32) and batch.masks.shape == (6, 1, 32, 32)
     assert batch.masks[:3].sum() == 0 and (batch.masks[3:].flatten(1).sum(1) == 64).all()

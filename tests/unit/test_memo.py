@@ -87,21 +87,23 @@ def test_get_or_compute_computes_once():
 
 
 def test_loaded_samples_are_decoded_once_and_follow_file_changes(make_dataset, monkeypatch):
+    from fixtures import preprocess
+
     import anomaly_bench.data.loading as loading
-    from anomaly_bench.data import Preprocess, get_layout
+    from anomaly_bench.data import get_layout
 
     root = make_dataset("mvtec")
     split = get_layout("mvtec").split(root, "bottle")
     reads = []
     original = loading.read_image
     monkeypatch.setattr(loading, "read_image", lambda p: reads.append(p) or original(p))
-    ds = loading.RecordDataset(split.test, Preprocess(size=32, crop=None))
+    ds = loading.RecordDataset(split.test, preprocess(size=32, crop=None))
     first = [ds[i] for i in range(len(ds))]
     again = [ds[i] for i in range(len(ds))]
     assert len(reads) == len(ds)  # the second pass decoded nothing
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
-    other = loading.RecordDataset(split.test, Preprocess(size=16, crop=None))
+    other = loading.RecordDataset(split.test, preprocess(size=16, crop=None))
     assert other[0]["image"].shape[-1] == 16  # another preprocessing is another entry
     path = split.test[0].image_path
     st = os.stat(path)
