@@ -1,14 +1,18 @@
-"""results.csv under concurrent writers, and the mode of the files the project writes."""
+"""results.csv under concurrent writers and damage, and the mode of the files the project writes."""
 
 from __future__ import annotations
 
+import csv
 import multiprocessing as mp
 import os
 import stat
 from pathlib import Path
 
+import pytest
+
+from anomaly_bench.errors import DataError
 from anomaly_bench.fsutil import atomic_open
-from anomaly_bench.report.results import read_rows, write_row
+from anomaly_bench.report.results import COLUMNS, completed_categories, read_rows, write_row
 
 
 def _write(args: tuple[str, int]) -> None:
@@ -59,3 +63,89 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
     except RuntimeError:
         pass
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["results.csv"]
+
+
+# ---------------------------------------------------------------------- damaged files
+def _full_row(category: str, auroc: float) -> dict:
+    return {"method": "padim", "backbone": "resnet18", "weights": "random(seed=0)",
+            "dataset": "mvtec", "category": category, "layers": "layer1.1", "resolution": "64",
+            "alignment": "none", "seed": 0, "image_auroc": auroc, "pixel_auroc": 0.9,
+            "aupro": None, "image_f1_max": 0.8, "n_train": 6, "n_test": 6, "train_s": 1.0,
+            "test_s": 0.5, "ms_per_image": 80.0, "peak_mem_mb": 900.0, "device": "cpu",
+            "overrides": "dataset=mvtec seed=0"}
+
+
+def _results(tmp_path) -> Path:
+    path = tmp_path / "results.csv"
+    write_row(path, _full_row("bottle", 0.75))
+    write_row(path, _full_row("screw", 0.5))
+    return path
+
+
+def _damage(path: Path, how: str) -> int:
+    """Damage results.csv as a crash, a hand edit or another program would; the line."""
+    lines = path.read_text().splitlines(keepends=True)
+    if how == "cut":  # the last row cut after pixel_auroc, as a full disk leaves it
+        fields = lines[2].split(",")
+        lines[2] = ",".join(fields[: fields.index("0.900000") + 1])
+    elif how == "garbage":
+        lines.insert(2, "this is not a row\n")
+    elif how == "too_many":
+        lines[1] = lines[1].rstrip("\n") + ",surplus\n"
+        path.write_text("".join(lines))
+        return 2
+    elif how == "fragment":
+        lines.append(",,,\n")
+    elif how == "bad_metric":
+        lines[2] = lines[2].replace("0.500000", "1.500000", 1)
+    elif how == "foreign":
+        lines = ["path,label,defect_type,score\n", "a.png,0,good,0.5\n"]
+        path.write_text("".join(lines))
+        return 1
+    path.write_text("".join(lines))
+    return 3 if how in ("cut", "garbage", "bad_metric") else len(lines)
+
+
+DAMAGES = ["cut", "garbage", "too_many", "fragment", "bad_metric", "foreign"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_line_stops_the_readers_naming_file_and_line(tmp_path, how):
+    path = _results(tmp_path)
+    line = _damage(path, how)
+    for reader in (read_rows, completed_categories):
+        with pytest.raises(DataError) as err:
+            reader(path)
+        text = str(err.value)
+        assert f"{path}, line {line}," in text and "resume=false" in text, text
+        assert "\n" not in text
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_writer_keeps_every_valid_row_and_sets_damaged_lines_aside(tmp_path, how):
+    path = _results(tmp_path)
+    _damage(path, how)
+    before = path.read_text().splitlines()
+    write_row(path, _full_row("zipper", 0.25))
+    with path.open(newline="") as fh:
+        assert next(csv.reader(fh)) == list(COLUMNS)  # no unnamed column
+    rows = read_rows(path)
+    valid = {"cut": ["bottle"], "garbage": ["bottle", "screw"], "too_many": ["screw"],
+             "fragment": ["bottle", "screw"], "bad_metric": ["bottle"], "foreign": []}[how]
+    assert [r["category"] for r in rows] == [*valid, "zipper"]
+    aside = (tmp_path / "results.csv.damaged").read_text().splitlines()
+    assert aside and all(line in before for line in aside)
+
+
+def test_rows_of_the_previous_format_are_read_and_kept(tmp_path):
+    path = tmp_path / "results.csv"
+    old = [c for c in COLUMNS if c != "record_sha256"]  # the header written before
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=old)
+        w.writeheader()
+        w.writerow({k: v for k, v in _full_row("bottle", 0.75).items() if k in old})
+    assert [r["category"] for r in read_rows(path)] == ["bottle"]
+    assert completed_categories(path) == {"bottle"}
+    write_row(path, _full_row("screw", 0.5))
+    assert [(r["category"], r["record_sha256"]) for r in read_rows(path)] == [
+        ("bottle", ""), ("screw", "")]
