@@ -48,8 +48,8 @@ _ADVICE = {
                   "(hydra.run.dir=PATH)",
     errno.EPERM: "the operation is not permitted: make the folder writable, or write the run "
                  "elsewhere (hydra.run.dir=PATH)",
-    errno.ELOOP: "it is a symbolic link, and nothing is written through a link: remove the "
-                 "link, or write the run elsewhere",
+    errno.ELOOP: "nothing is written through a symbolic link: remove the link, or write the "
+                 "run elsewhere",
     errno.ENAMETOOLONG: "a name is longer than the filesystem allows: use a shorter name",
 }
 
@@ -130,7 +130,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Tru
     ``durable`` flushes the bytes to disk before the rename (results and checkpoints); a
     cache entry that can always be recomputed skips it. On an exception the temp file is
     removed and the target is left as it was; an OSError (of the folder, the write, the
-    rename) is raised as a :class:`WriteError` naming ``path``. A target that is a symbolic
+    rename, or one a writer such as ``torch.save`` wrapped in its own exception) is raised
+    as a :class:`WriteError` naming ``path``. A target that is a symbolic
     link is refused (the rename would replace the link; writing through it would escape).
     """
     path = Path(path)
@@ -149,6 +150,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Tru
         os.replace(tmp, path)
     except OSError as exc:
         raise write_error(path, exc, tmp) from None
+    except Exception as exc:  # a writer (torch.save) that wraps the OSError of its write
+        if isinstance(exc.__context__, OSError):
+            raise write_error(path, exc.__context__, tmp) from exc
+        raise
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

@@ -37,7 +37,7 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     resolved = (target if target.is_absolute() else root_r / target).resolve()
     if resolved != root_r and root_r not in resolved.parents:
         raise ConfigError(
-            f"refusing to write {path}: it resolves to {resolved}, outside the run directory "
-            f"{root_r}."
+            f"refusing to write {path}: it resolves (following symbolic links) to {resolved}, "
+            f"outside the run directory {root_r}."
         )
     return Path(path)

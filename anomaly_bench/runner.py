@@ -34,7 +34,7 @@ from anomaly_bench.data import (
     resolve_root,
 )
 from anomaly_bench.data.source import TrainSource
-from anomaly_bench.errors import ConfigError, OutputError
+from anomaly_bench.errors import AnomalyBenchError, ConfigError, OutputError
 from anomaly_bench.fsutil import atomic_open, describe
 from anomaly_bench.memo import MEMO, file_stamp
 from anomaly_bench.methods import (
@@ -432,7 +432,7 @@ class Runner:
             digest = record_digest(config, scores)
             write_rows(inside(self.run_dir, self.results_path),
                        [{**r, "record_sha256": digest} for r in rows])
-        except (OSError, ConfigError) as exc:
+        except (OSError, AnomalyBenchError) as exc:
             values = ", ".join(f"{k}={format_value(k, v)}" for k, v in row.items()
                                if k != "overrides")
             why = describe(exc) if isinstance(exc, OSError) else str(exc)

@@ -146,8 +146,14 @@ def parse(path: Path) -> tuple[list[str], list[dict[str, str]], list[Damage]]:
 
     A row is valid when it has one field per header column, every known cell has its type
     (metrics in [0, 1], counts integer, costs >= 0, a digest of 64 hex digits) and its
-    category is set. A file whose header is not results.csv's is one damaged record.
+    category is set. A file whose header is not results.csv's is one damaged record. A
+    file that is a symbolic link is refused (DataError).
     """
+    if path.is_symlink():
+        raise DataError(
+            f"{path} is a symbolic link; a results file is never read or written through a "
+            "link: put the file itself there, or run into a new directory."
+        )
     if not path.is_file():
         return [], [], []
     text = path.read_bytes().decode("utf-8", "surrogateescape")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import multiprocessing as mp
 import os
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from anomaly_bench.errors import DataError
-from anomaly_bench.fsutil import atomic_open
+from anomaly_bench.fsutil import NoFollowFileHandler, WriteError, atomic_open, describe
 from anomaly_bench.report.results import COLUMNS, completed_categories, read_rows, write_row
 
 
@@ -149,3 +150,42 @@ def test_rows_of_the_previous_format_are_read_and_kept(tmp_path):
     write_row(path, _full_row("screw", 0.5))
     assert [(r["category"], r["record_sha256"]) for r in read_rows(path)] == [
         ("bottle", ""), ("screw", "")]
+
+
+# ---------------------------------------------------------------------- links, write errors
+@pytest.mark.parametrize("dangling", [False, True])
+def test_nothing_is_written_through_a_symbolic_link(tmp_path, dangling):
+    victim = tmp_path / "elsewhere" / "victim"
+    victim.parent.mkdir()
+    if not dangling:
+        victim.write_text("not yours")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "cli.log", ".results.csv.lock"):
+        (run / name).symlink_to(victim)
+    with pytest.raises(WriteError) as err:
+        with atomic_open(run / "model.pt", "wb") as fh:
+            fh.write(b"weights")
+    assert err.value.errno == errno.ELOOP and err.value.filename == str(run / "model.pt")
+    assert "symbolic link" in describe(err.value)
+    with pytest.raises(WriteError):
+        NoFollowFileHandler(str(run / "cli.log"))
+    with pytest.raises(WriteError):
+        write_row(run / "results.csv", _full_row("bottle", 0.5))
+    assert (not victim.exists()) if dangling else victim.read_text() == "not yours"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_writer_that_wraps_its_os_error_gives_a_write_error(tmp_path):
+    def torch_like_save(fh):  # torch.save reports a failed write as a RuntimeError
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598") from None
+
+    with pytest.raises(WriteError) as err:
+        with atomic_open(tmp_path / "model.pt", "wb") as fh:
+            torch_like_save(fh)
+    assert err.value.errno == errno.EFBIG and err.value.filename == str(tmp_path / "model.pt")
+    assert "ulimit -f" in describe(err.value)
+    assert os.listdir(tmp_path) == []
