@@ -18,7 +18,13 @@ import pytest
 from fixtures import compose_config
 
 from anomaly_bench.errors import AnomalyBenchError, ConfigError
-from anomaly_bench.report.results import COLUMNS, read_rows, record_digest, write_row
+from anomaly_bench.report.results import (
+    COLUMNS,
+    from_cell,
+    read_rows,
+    record_digest,
+    write_row,
+)
 from anomaly_bench.runner import Runner
 
 from cli_helpers import FAST, make_mvtec, run_cli
@@ -73,7 +79,8 @@ def test_no_fault_between_two_writes_makes_resume_skip_a_stale_row(tmp_path, mon
         try:  # ... recomputed with seed 1, the k-th write failing
             _runner(run, data, "seed=1", "resume=false").run()
             failed = False
-        except AnomalyBenchError:
+        except AnomalyBenchError as exc:  # a row that cannot be written is in the message
+            assert "No space left on device" in str(exc) and "image_auroc=" in str(exc)
             failed = True
         finally:
             monkeypatch.setattr(os, "replace", fault.real)
@@ -132,4 +139,35 @@ def test_resume_stops_at_a_damaged_row_and_resume_false_recomputes_it(tmp_path):
     aside = (run / "results.csv.damaged").read_text()
     assert aside == lines[2] + "garbage\n"
     again = run_cli(args, run)
+    assert again.code == 0 and (again.stderr + again.stdout).count("skipped (resume=true)") == 2
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _raw_cells(path: Path) -> list[str]:
+    with path.open(newline="") as fh:
+        return [cell for line in csv.reader(fh) for cell in line]
+
+
+def test_no_cell_a_spreadsheet_would_run_and_every_value_reads_back(tmp_path):
+    data = make_mvtec(tmp_path / "mvtec", categories=("=1+2", "@SUM(A1)"))
+    for cat in ("=1+2", "@SUM(A1)"):  # a defect folder named like a formula too
+        for part in ("test", "ground_truth"):
+            (data / cat / part / "crack").rename(data / cat / part / "-crack")
+    run = tmp_path / "run"
+    args = ["++seed=0", *FAST, "dataset=mvtec", f"dataset.root={data}", "plots.enabled=false"]
+    first = run_cli(args, run, fast=False)
+    assert first.code == 0, first.stderr[-2000:]
+    for path in (run / "results.csv", run / "=1+2" / "scores.csv"):
+        cells = _raw_cells(path)
+        formulas = [c for c in cells if c.startswith(FORMULA_START)]
+        assert not formulas, (path, formulas)
+    rows = read_rows(run / "results.csv")
+    assert sorted(r["category"] for r in rows) == ["=1+2", "@SUM(A1)"]
+    assert all(r["overrides"].startswith("++seed=0 ") for r in rows)
+    with (run / "=1+2" / "scores.csv").open(newline="") as fh:
+        kinds = {from_cell(r["defect_type"]) for r in csv.DictReader(fh)}
+    assert kinds == {"good", "-crack"}
+    again = run_cli(args, run, fast=False)  # resume reads the categories back as they are
     assert again.code == 0 and (again.stderr + again.stdout).count("skipped (resume=true)") == 2

@@ -13,7 +13,14 @@ import pytest
 
 from anomaly_bench.errors import DataError
 from anomaly_bench.fsutil import NoFollowFileHandler, WriteError, atomic_open, describe
-from anomaly_bench.report.results import COLUMNS, completed_categories, read_rows, write_row
+from anomaly_bench.report.results import (
+    COLUMNS,
+    completed_categories,
+    from_cell,
+    read_rows,
+    to_cell,
+    write_row,
+)
 
 
 def _write(args: tuple[str, int]) -> None:
@@ -189,3 +196,42 @@ def test_a_writer_that_wraps_its_os_error_gives_a_write_error(tmp_path):
     assert err.value.errno == errno.EFBIG and err.value.filename == str(tmp_path / "model.pt")
     assert "ulimit -f" in describe(err.value)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- formula cells
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+TRICKY = ["=1+2", "+cmd", "-2+3", "@SUM(A1)", "\tx", "\rx", "'=1+2", "'", "''", "-1", "+1.5",
+          "-1e-3", "plain", "", "a=b", "=", "-", "-inf"]
+
+
+def test_cells_are_neutralised_and_read_back(tmp_path):
+    assert [to_cell(v) for v in ("=1+2", "-1", "'x", "a=b")] == ["'=1+2", "-1", "''x", "a=b"]
+    assert all(from_cell(to_cell(v)) == v for v in TRICKY)
+    path = tmp_path / "results.csv"
+    for i, value in enumerate(TRICKY):
+        write_row(path, {**_full_row(f"c{i}", 0.5), "layers": value,
+                         "overrides": value + " seed=0"})
+    raw = [c for line in csv.reader(path.open(newline="")) for c in line]
+    numbers = ("-1", "+1.5", "-1e-3")  # a plain number is no formula: it stays a number
+    assert not [c for c in raw if c.startswith(FORMULA_START) and c not in numbers]
+    rows = read_rows(path)
+    assert [r["layers"] for r in rows] == TRICKY
+    assert [r["overrides"] for r in rows] == [v + " seed=0" for v in TRICKY]
+
+
+def test_the_sweep_summary_neutralises_and_reads_back(tmp_path):
+    import yaml
+
+    from anomaly_bench.report.summary import write_summary
+
+    for job, value in enumerate(("=1+2", "@x")):
+        d = tmp_path / "sweep" / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method.note={value}"]))
+        write_row(d / "results.csv", _full_row("=cmd", 0.5 + job / 10))
+    csv_path, _ = write_summary(tmp_path / "sweep")
+    raw = [c for line in csv.reader(csv_path.open(newline="")) for c in line]
+    assert not [c for c in raw if c.startswith(("=", "+", "-", "@"))]
+    rows = read_rows(csv_path)
+    assert {r["category"] for r in rows} == {"=cmd"}
+    assert sorted(r["method.note"] for r in rows) == ["=1+2", "@x"]
