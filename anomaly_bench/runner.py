@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from anomaly_bench import checkpoint
+from anomaly_bench import checkpoint, footprint
 from anomaly_bench.backbones.weights import weights_tag
 from anomaly_bench.data import (
     Preprocess,
@@ -147,6 +147,7 @@ class Runner:
             layout = layout.configure(_plain(cfg, "dataset"))
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
+        self._check_names(categories)
         done = completed_categories(self.results_path) if cfg.resume else set()
         todo = []
         for category in categories:
@@ -450,6 +451,7 @@ class Runner:
         position (``fixed_grid``) needs one grid for all images, and a batch stacks
         images of one size.
         """
+        self._check_memory(method, split, preprocess)
         need = method.required_input_size
         if need is not None and (preprocess.crop or preprocess.size) != need:
             raise ConfigError(
@@ -475,6 +477,48 @@ class Runner:
             f"{len(sizes)} sizes ({listed}); {why}. Set resolution.size (e.g. resolution=r256 "
             "or resolution=paper) so that they are resized to one size."
         )
+
+    def _check_memory(self, method: AnomalyMethod, split: CategorySplit,
+                      preprocess: Preprocess) -> None:
+        """Refuse a configuration that needs more memory than the device has
+        (:mod:`anomaly_bench.footprint`), before any image is read: the input size is the
+        crop or resize, or at native resolution the largest image header."""
+        cfg = self.cfg
+        extractor = getattr(method, "extractor", None)
+        if extractor is None:
+            return
+        side = preprocess.crop or preprocess.size
+        if side is not None:
+            w = h = int(side)
+        else:
+            records = split.test if cfg.stage == "test" else split.train + split.test
+            sizes = image_sizes([r.image_path for r in records])
+            if not sizes:
+                return
+            w, h = max(sizes, key=lambda s: s[0] * s[1])
+        shapes = footprint.feature_shapes(extractor.channels, extractor.strides, (h, w))
+        fitting = cfg.stage != "test" and (cfg.fit_scope == "category" or not split.test)
+        n_fit = {"zero_shot": 0, "few_shot": min(method.k_shot, len(split.train))}.get(
+            method.learning, len(split.train))
+        n_test = len(split.test) if cfg.stage != "train" else 0
+        fp = footprint.estimate(shapes, (h, w), int(cfg.batch_size),
+                                method.fit_bytes(n_fit, shapes) if fitting else 0, n_test,
+                                split.has_masks)
+        size, crop = (("null" if v is None else v) for v in (preprocess.size, preprocess.crop))
+        footprint.check(fp, self.device, {
+            "inputs": f"for one batch of batch_size={cfg.batch_size} images of {w}x{h} px "
+                      f"(resolution.size={size}, resolution.crop={crop})",
+            "features": f"for the backbone features of that batch ({extractor.tag}: layers.*)",
+            "method": f"for what {method.name} holds while fitting on {n_fit} images "
+                      "(method.* keys)",
+            "maps": f"for the anomaly maps of the {n_test} test images at {w}x{h} px",
+        })
+
+    def _check_names(self, categories: list[str]) -> None:
+        """Refuse, before any work, a category name the run directory's filesystem cannot
+        take as a folder name (longer than its NAME_MAX)."""
+        for category in categories:
+            check_name(category, "dataset.category", self.run_dir)
 
     def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
         """The loader hook rotating images and masks as the alignment decides, or None."""

@@ -112,6 +112,14 @@ class AnomalyMethod(nn.Module, ABC):
     def predict(self, batch: Batch) -> Prediction:
         """Image scores (B,) and anomaly maps (B, H, W) at the batch's image size."""
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """Bytes fitting on ``n_images`` holds beyond one batch, estimated from the
+        backbone's feature shapes ``{name: (C, h, w)}`` before any image is read (a lower
+        bound: what the method's statistics or bank certainly hold in float32). The
+        runner refuses a configuration whose memory exceeds the machine's
+        (:mod:`anomaly_bench.footprint`)."""
+        return 0
+
     @property
     def weights_tag(self) -> str:
         """Which backbone weights the method uses (recorded in every result row)."""

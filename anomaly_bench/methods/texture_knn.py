@@ -84,6 +84,11 @@ class TextureKnn(AnomalyMethod):
                                  stride=1, padding=self.pool // 2)
         return f
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """many_shot: the bank of every training patch feature (zero_shot keeps none)."""
+        c, h, w = next(iter(shapes.values()))
+        return 0 if self.zero_shot else 4 * n_images * c * h * w
+
     def fit(self, batches: Iterable[Batch]) -> None:
         if self.zero_shot:
             return

@@ -153,3 +153,80 @@ def test_a_run_dir_on_a_read_only_filesystem_is_one_paragraph(tmp_path, mvtec, e
         code, stderr = proc.returncode, proc.stderr
 
     assert_clean_error(Res, f"hydra.run.dir={run}", "Read-only file system")
+
+
+# ---------------------------------------------------------------------- limits
+def _guarded(limit: int):
+    """preexec_fn capping the address space: a regression that allocates the refused
+    configuration fails fast instead of exhausting a shared machine."""
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return preexec
+
+
+def test_a_configuration_larger_than_the_machine_is_refused_before_any_image_is_read(
+        tmp_path, mvtec):
+    victim = mvtec / "bottle" / "train" / "good" / "000.png"
+    victim.write_bytes(victim.read_bytes()[:100])  # reading any image would be an error
+    run = tmp_path / "run"
+    # about 4 TiB (1 TiB of input alone): more than any machine has
+    cmd = [sys.executable, "-m", "anomaly_bench.cli", *FAST, "dataset=mvtec",
+           f"dataset.root={mvtec}", "resolution.size=20000", "batch_size=256",
+           f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300, preexec_fn=_guarded(12 * 2**30))
+
+    class Res:
+        code, stderr = proc.returncode, proc.stderr
+
+    assert_clean_error(Res, "GiB", "resolution.size=20000", "batch_size=256", "memory")
+    assert str(victim) not in proc.stderr
+    assert not (run / "bottle").exists()
+
+
+def test_a_name_too_long_for_the_filesystem_is_refused_before_fitting(tmp_path):
+    data = make_mvtec(tmp_path / "data", categories=("cat",)) / "cat"
+    name = "c" * 270
+    res = run_cli(["dataset=folder", f"dataset.root={data}", f"dataset.category={name}"],
+                  tmp_path / "run")
+    assert_clean_error(res, "dataset.category=", "270 bytes", "255")
+    assert "fit " not in res.stderr  # no progress bar: nothing was fitted
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_next_run_resumes(tmp_path):
+    data = make_mvtec(tmp_path / "mvtec", categories=("bottle", "screw"))
+    run = tmp_path / "run"
+    args = [*FAST, "dataset=mvtec", f"dataset.root={data}", "plots.enabled=false",
+            f"hydra.run.dir={run}"]
+    # SIGTERM (what SLURM sends before it kills a job) arrives while screw runs
+    script = (
+        "import os, signal, sys\n"
+        "from anomaly_bench import cli, runner\n"
+        "original = runner.Runner.run_category\n"
+        "def run_category(self, split, *a):\n"
+        "    if split.category == 'screw':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(self, split, *a)\n"
+        "runner.Runner.run_category = run_category\n"
+        "def report(*a):\n"
+        "    print('USR1', signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, file=sys.stderr)\n"
+        "    print('XFSZ', signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN, file=sys.stderr)\n"
+        "import atexit; atexit.register(report)\n"
+        f"sys.argv = ['anomaly-bench', *{args!r}]\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    message = [ln for ln in proc.stderr.splitlines() if ln.startswith("anomaly-bench:")]
+    assert len(message) == 1 and "SIGTERM" in message[0] and str(run) in message[0], message
+    assert "Traceback" not in proc.stderr
+    assert "USR1 True" in proc.stderr and "XFSZ True" in proc.stderr  # SIGUSR1 left alone
+    assert [r["category"] for r in read_rows(run / "results.csv")] == ["bottle"]
+    resumed = run_cli(["dataset=mvtec", f"dataset.root={data}", "plots.enabled=false"], run)
+    assert resumed.code == 0, resumed.stderr[-2000:]
+    assert "bottle: already in" in resumed.stderr + resumed.stdout
+    assert [r["category"] for r in read_rows(run / "results.csv")] == ["bottle", "screw"]

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from anomaly_bench import checkpoint
 from anomaly_bench.data.source import TrainSource
+from anomaly_bench.footprint import feature_shapes
 from anomaly_bench.methods import AnomalyMethod, MethodContext, available, build_method
 from anomaly_bench.types import Batch, SampleRecord
 
@@ -145,3 +146,16 @@ def test_spade_on_a_transformer_names_its_blocks(kind, names):
     assert chosen.global_layer == names[0] and chosen.pixel_layers == names[1:2]
     with pytest.raises(ConfigError, match=rf"global_layer='layer4'.*{', '.join(names)}"):
         build_method({**method_cfg, "global_layer": "layer4"}, backbone, layers, seed=0)
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("padim", None), ("padim", {"solver": "full"}), ("patchcore", {"coreset_ratio": 1.0}),
+    ("spade", None), ("texture_knn", {"mode": "many_shot"}), ("texture_knn", None)])
+def test_fit_bytes_is_a_lower_bound_of_what_fitting_holds(method, extra, tmp_path):
+    """The memory check's estimate (fit_bytes, from shapes alone) never exceeds what the
+    fitted statistics or bank hold, and is not far below it."""
+    model = _fitted(method, tmp_path, extra, "cnn")
+    ext = model.extractor
+    estimate = model.fit_bytes(8, feature_shapes(ext.channels, ext.strides, (64, 64)))
+    held = sum(t.numel() * t.element_size() for t in model.fitted_state().values())
+    assert held // 3 <= estimate <= held, (estimate, held)
