@@ -235,3 +235,25 @@ def test_the_sweep_summary_neutralises_and_reads_back(tmp_path):
     rows = read_rows(csv_path)
     assert {r["category"] for r in rows} == {"=cmd"}
     assert sorted(r["method.note"] for r in rows) == ["=1+2", "@x"]
+
+
+def test_the_report_stops_at_a_damaged_job_row_and_at_a_failed_write(tmp_path, capsys):
+    import yaml
+
+    from anomaly_bench.report.summary import main
+
+    for job in (0, 1):
+        d = tmp_path / "sweep" / str(job)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={job}"]))
+        write_row(d / "results.csv", _full_row("bottle", 0.5))
+    damaged = tmp_path / "sweep" / "1" / "results.csv"
+    _damage(damaged, "garbage")
+    assert main([str(tmp_path / "sweep")]) == 2
+    out = capsys.readouterr().out
+    assert f"{damaged}, line 3," in out and "Traceback" not in out
+    assert not (tmp_path / "sweep" / "summary.csv").exists()
+    write_row(damaged, _full_row("screw", 0.5))  # moves the damaged line aside
+    (tmp_path / "sweep" / "summary.csv").mkdir()  # a folder where the summary goes
+    assert main([str(tmp_path / "sweep")]) == 2
+    assert "cannot write" in capsys.readouterr().out
