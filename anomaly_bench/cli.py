@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
@@ -112,6 +113,7 @@ def _task(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    _ignore_file_size_signal()  # also in a launcher's job process (joblib, submitit)
     try:
         Runner(cfg, run_dir, list(hc.overrides.task), sweep=hc.mode == RunMode.MULTIRUN).run()
     except (AnomalyBenchError, OSError) as exc:
@@ -127,11 +129,17 @@ def _task(cfg: DictConfig) -> None:
         _stopped(exc, run_dir)
 
 
+def _ignore_file_size_signal() -> None:
+    """Ignore SIGXFSZ: a write past the file-size limit then fails with EFBIG (reported)
+    instead of killing the process (only the main thread may set a handler)."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _ignore_file_size_signal()
     # a log line that cannot be written (the disk the error is about) stays silent rather
     # than burying the one-paragraph error under logging's own tracebacks
     logging.raiseExceptions = False

@@ -141,8 +141,9 @@ def _bad_header(header: list[str]) -> str | None:
     return None
 
 
-def parse(path: Path) -> tuple[list[str], list[dict[str, str]], list[Damage]]:
-    """(header, valid rows, damaged lines) of a results file (all empty when it is absent).
+def parse(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[Damage]]:
+    """(header, valid rows with their line, damaged lines) of a results file (all empty
+    when it is absent).
 
     A row is valid when it has one field per header column, every known cell has its type
     (metrics in [0, 1], counts integer, costs >= 0, a digest of 64 hex digits) and its
@@ -160,7 +161,7 @@ def parse(path: Path) -> tuple[list[str], list[dict[str, str]], list[Damage]]:
     lines = text.splitlines(keepends=True)
     reader = csv.reader(iter(lines), strict=True)
     header: list[str] | None = None
-    rows: list[dict[str, str]] = []
+    rows: list[tuple[int, dict[str, str]]] = []
     damaged: list[Damage] = []
     while True:
         start = reader.line_num + 1
@@ -192,7 +193,7 @@ def parse(path: Path) -> tuple[list[str], list[dict[str, str]], list[Damage]]:
         if reason is not None:
             damaged.append(Damage(start, raw, reason))
         else:
-            rows.append(row)
+            rows.append((start, row))
     return header or [], rows, damaged
 
 
@@ -213,17 +214,24 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     _, rows, damaged = parse(path)
     if damaged:
         raise _damage_error(path, damaged[0])
-    return rows
+    return [row for _, row in rows]
 
 
 def rows_by_category(path: Path) -> dict[str, dict[str, str]]:
     """The rows of a results.csv by category; DataError at a damaged line or a category
     that has two rows."""
+    _, rows, damaged = parse(path)
+    if damaged:
+        raise _damage_error(path, damaged[0])
     out: dict[str, dict[str, str]] = {}
-    for row in read_rows(path):
-        if row["category"] in out:
-            raise _damage_error(path, Damage(0, row["category"], "a category with two rows"))
-        out[row["category"]] = row
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        category = row["category"]
+        if category in out:
+            raise _damage_error(path, Damage(
+                line, ",".join(row.values()),
+                f"category {category} already has a row, on line {seen[category]}"))
+        out[category], seen[category] = row, line
     return out
 
 
@@ -297,7 +305,7 @@ def write_rows(path: Path, rows: list[Mapping[str, object]]) -> None:
         _, old, damaged = parse(path)
         if damaged:
             _set_aside(path, damaged)
-        kept: list[Mapping[str, object]] = [r for r in old if not replaced(r["category"])]
+        kept: list[Mapping[str, object]] = [r for _, r in old if not replaced(r["category"])]
         kept += [dict(r) for r in rows]
         write_csv(path, kept, ordered_columns(kept))
 

@@ -257,3 +257,11 @@ def test_the_report_stops_at_a_damaged_job_row_and_at_a_failed_write(tmp_path, c
     (tmp_path / "sweep" / "summary.csv").mkdir()  # a folder where the summary goes
     assert main([str(tmp_path / "sweep")]) == 2
     assert "cannot write" in capsys.readouterr().out
+
+
+def test_a_category_with_two_rows_is_named_with_both_lines(tmp_path):
+    path = _results(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([*lines, lines[1]]))  # bottle's row again, on line 4
+    with pytest.raises(DataError, match=r"line 4, .*bottle already has a row, on line 2"):
+        completed_categories(path)
