@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -19,14 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from anomaly_bench.configs import config_dir
 from anomaly_bench.errors import AnomalyBenchError
 
 log = logging.getLogger("anomaly_bench")
-
-
-def config_dir() -> Path:
-    """The Hydra config root: ``conf/`` of a checkout or the installed ``anomaly_bench.conf``."""
-    return Path(str(resources.files("anomaly_bench.conf")))
 
 
 def _task(cfg: DictConfig) -> None:

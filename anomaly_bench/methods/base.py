@@ -23,7 +23,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_bench.configs import option_values
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.ops.blur import BORDERS
@@ -183,20 +183,9 @@ def build_method(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
                            seed)
 
 
-@cache
-def _yaml_defaults(name: str) -> tuple[tuple[str, Any], ...]:
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    path = Path(str(resources.files("anomaly_bench.conf"))) / "method" / f"{name}.yaml"
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return tuple(values.items())  # type: ignore[union-attr]
-
-
 def method_defaults(name: str) -> dict[str, Any]:
-    """The keys of ``conf/method/<name>.yaml`` with their default values."""
-    return dict(_yaml_defaults(name))
+    """The keys of ``conf/method/<name>.yaml`` (shared keys included) with their defaults."""
+    return option_values("method", name)
 
 
 def load_fitted_state(method: AnomalyMethod, state: Mapping[str, torch.Tensor],
