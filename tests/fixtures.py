@@ -226,4 +226,5 @@ def preprocess(size: int | None = 256, crop: int | None = 224):
     from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
     from anomaly_bench.data import Preprocess
 
-    return Preprocess(size=size, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Preprocess(size=size, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      resample="bilinear", mask_resample="nearest")
