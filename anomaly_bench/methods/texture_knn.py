@@ -103,7 +103,8 @@ class TextureKnn(AnomalyMethod):
             raise RuntimeError("texture_knn many_shot predict called before fit")
         k = min(self.k, self.bank.shape[0])
         if self.impl == "fast":
-            d = knn(x.reshape(-1, c), self.bank, k).distances
+            # 400 averaged neighbours: the product-form distances (see ops/knn.py)
+            d = knn(x.reshape(-1, c), self.bank, k, remeasure=False).distances
         else:
             q = x.reshape(-1, c)
             d = torch.cat([torch.cdist(q[i:i + 256], self.bank).sort(dim=1).values[:, :k]
