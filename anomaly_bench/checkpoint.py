@@ -26,6 +26,7 @@ from anomaly_bench.errors import CheckpointError
 from anomaly_bench.methods import (
     AnomalyMethod,
     build_method,
+    keys_at_test,
     load_fitted_state,
     method_defaults,
 )
@@ -36,15 +37,19 @@ MODEL_KEYS = ("method", "backbone", "layers", "resolution", "alignment")
 #: What a checkpoint says it was fitted on (besides the config groups).
 META_KEYS = ("method", "backbone", "weights", "layers", "resolution", "dataset", "category",
              "seed")
+#: Recorded when known: the categories whose images the model learned from.
+OPTIONAL_META_KEYS = ("categories",)
 #: Backbone keys that change no value a method computes (where features are cached, ...).
 _NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights")
 
 
 def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
          meta: Mapping[str, Any]) -> Path:
-    """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry."""
+    """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry (and may hold
+    :data:`OPTIONAL_META_KEYS`)."""
     state = {k: v.detach().cpu() for k, v in method.fitted_state().items()}
-    description = {"meta": {k: meta[k] for k in META_KEYS},
+    kept = (*META_KEYS, *(k for k in OPTIONAL_META_KEYS if k in meta))
+    description = {"meta": {k: meta[k] for k in kept},
                    "config": {k: config[k] for k in MODEL_KEYS}}
     return write_data(path, "model", description, state)
 
@@ -114,11 +119,13 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
 
     ``config`` are the requested :data:`MODEL_KEYS` groups; ``wanted`` the requested
     ``weights``, ``dataset`` and ``category``. Keys that change no computed value (the
-    feature cache, ...) are not compared; the backbone's weights are compared by tag. A
-    model fitted once on a whole (auxiliary) dataset is tested on any dataset and
-    category: ``allow_other_dataset`` leaves both out.
+    feature cache, ...) and the method's test-time keys (``k_shot``, ...) are not
+    compared; the backbone's weights are compared by tag. A model fitted once on a whole
+    (auxiliary) dataset is tested on any dataset and category: ``allow_other_dataset``
+    leaves both out.
     """
     name = config["method"].get("name")
+    at_test = set(keys_at_test(name)) if name else set()
 
     def model(groups: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         backbone = {k: v for k, v in groups["backbone"].items()
@@ -126,6 +133,7 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
         method = dict(groups["method"])
         if method.get("name") == name:  # a key added since the file was written: its default
             method = {**method_defaults(name), **method}  # is what the model was fitted with
+            method = {k: v for k, v in method.items() if k not in at_test}
         keys = ("weights",) + (() if allow_other_dataset else ("dataset",)) + (
             () if allow_other_category or allow_other_dataset else ("category",))
         return {**{k: groups[k] for k in MODEL_KEYS}, "method": method, "backbone": backbone,
@@ -144,15 +152,39 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
         )
 
 
-def restore(payload: Mapping[str, Any], source: Path,
-            backbone: Mapping[str, Any]) -> AnomalyMethod:
+def check_unseen(payload: Mapping[str, Any], path: Path, dataset: str,
+                 categories: list[str]) -> None:
+    """CheckpointError when a model that learned from annotated test images (the auxiliary
+    setting) would be tested on the categories whose test images it learned from: the
+    figures would measure memory, not detection."""
+    meta = payload["meta"]
+    if meta["dataset"] != dataset:
+        return
+    seen = meta.get("categories")
+    overlap = (sorted(set(categories) & set(seen)) if isinstance(seen, list)
+               else list(categories))  # not recorded: every category may have been seen
+    if overlap:
+        raise CheckpointError(
+            f"checkpoint={path} learned from the annotated test images of {dataset} "
+            f"({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''}), and this run "
+            "would test it on those images: test it on another dataset (e.g. trained on "
+            "visa, tested on mvtec), or on categories it did not learn from."
+        )
+
+
+def restore(payload: Mapping[str, Any], source: Path, backbone: Mapping[str, Any],
+            method_cfg: Mapping[str, Any]) -> AnomalyMethod:
     """Rebuild the method from the checkpoint's config and load its fitted state.
 
     The frozen backbone is not in the file: it is built from ``backbone`` (the run's
     backbone config, whose weights :func:`check_matches` has compared with the ones the
-    model was fitted with).
+    model was fitted with). Test-time keys come from ``method_cfg``, the run's method
+    config (e.g. the ``k_shot`` of this test).
     """
     cfg = payload["config"]
-    method = build_method(cfg["method"], backbone, cfg["layers"], int(payload["meta"]["seed"]))
+    requested = {k: method_cfg[k] for k in keys_at_test(cfg["method"]["name"])
+                 if k in method_cfg}
+    method = build_method({**cfg["method"], **requested}, backbone, cfg["layers"],
+                          int(payload["meta"]["seed"]))
     load_fitted_state(method, payload["state_dict"], str(source))
     return method

@@ -21,7 +21,6 @@ import signal
 import sys
 import tempfile
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from anomaly_bench.configs import config_dir
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
 
@@ -43,11 +43,6 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated
-
-
-def config_dir() -> Path:
-    """The Hydra config root: ``conf/`` of a checkout or the installed ``anomaly_bench.conf``."""
-    return Path(str(resources.files("anomaly_bench.conf")))
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

@@ -7,6 +7,7 @@ The runner only talks to the generic interfaces: a dataset layout, an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -41,6 +42,7 @@ from anomaly_bench.methods import (
     AnomalyMethod,
     MethodContext,
     build_method,
+    learning_of,
     method_defaults,
     method_schema,
 )
@@ -57,7 +59,7 @@ from anomaly_bench.report.results import (
 )
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
 from anomaly_bench.schema import differences, validate
-from anomaly_bench.types import Batch, CategorySplit
+from anomaly_bench.types import Batch, CategorySplit, SampleRecord
 
 log = logging.getLogger("anomaly_bench")
 #: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
@@ -80,13 +82,15 @@ class Outputs:
 
 
 @dataclass
-class Shared:
-    """The one model of a ``fit_scope=dataset`` run, shared by every category's test."""
+class Fitted:
+    """A method ready to test: fitted in this run, or restored from a checkpoint."""
 
     method: AnomalyMethod
     weights: str
-    n_train: int | None
+    preprocess: Preprocess
+    n_train: int | None  # images fit read in this run (None: restored from a checkpoint)
     train_s: float | None
+    peak_mb: float  # peak memory while fitting (0 when restored)
 
 
 def _plain(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -141,30 +145,46 @@ class Runner:
 
     # ------------------------------------------------------------------ orchestration
     def run(self) -> list[dict[str, Any]]:
+        """Fit and test every selected category; the rows written (none for stage=train).
+
+        One code path for both fit scopes: a model fitted per category (the default), or
+        one model fitted on every selected category at once (``fit_scope=dataset``, and
+        always for a method learning from an auxiliary dataset), tested on each category.
+        """
         cfg = self.cfg
         layout = get_layout(cfg.dataset.name)
         if hasattr(layout, "configure"):  # layouts with options of their own (e.g. STC)
             layout = layout.configure(_plain(cfg, "dataset"))
+        self.layout = layout
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
-        self._check_names(categories)
+        for category in categories:  # folder names the run directory's filesystem takes
+            check_name(category, "dataset.category", self.run_dir)
+        splits = [layout.split(root, c) for c in categories]
+        learning = learning_of(_plain(cfg, "method"))
+        whole = cfg.fit_scope == "dataset" or learning == "auxiliary"
+        self._check_setting(learning, whole, splits)
         done = completed_categories(self.results_path) if cfg.resume else set()
         todo = []
-        for category in categories:
-            if category in done and cfg.stage != "train":
-                self._check_resumable(category, root)
+        for split in splits:
+            if split.category in done and cfg.stage != "train":
+                self._check_resumable(split.category, root)
                 log.info("%s: already in %s with this configuration, skipped (resume=true)",
-                         category, self.results_path)
+                         split.category, self.results_path)
                 continue
-            todo.append(category)
-        shared = None
-        if cfg.fit_scope == "dataset" and (todo or cfg.stage == "train"):
-            shared = self._fit_dataset(layout, root, categories)
-            if cfg.stage == "train":
-                return []
-        rows = [self.run_category(layout.split(root, c), len(categories), root, shared)
-                for c in todo]
-        if rows and cfg.stage != "train":
+            todo.append(split)
+        tested = todo if cfg.stage != "train" else []
+        rows = []
+        if whole and (tested or cfg.stage == "train"):
+            fitted = self._fitted(splits, tested, learning, len(categories), whole=True)
+            rows = [self._test(fitted, split, root) for split in tested]
+        elif not whole:
+            for split in todo:
+                fitted = self._fitted([split], [split] if tested else [], learning,
+                                      len(categories), whole=False)
+                if tested:
+                    rows.append(self._test(fitted, split, root))
+        if rows:
             if len(rows) > 1:
                 means = {k: _mean([r[k] for r in rows]) for k in METRIC_NAMES}
                 log.info("mean over %d categories: image AUROC %s, pixel AUROC %s, AUPRO %s, "
@@ -173,6 +193,119 @@ class Runner:
                          _mean([r["ms_per_image"] for r in rows]) or 0.0)
             log.info("run directory: %s (results.csv)", self.run_dir)
         return rows
+
+    def _check_setting(self, learning: str, whole: bool, splits: list[CategorySplit]) -> None:
+        """Refuse, before any image is read, what the learning setting and scope cannot do."""
+        cfg = self.cfg
+        method = cfg.method.name
+        if learning == "auxiliary" and cfg.stage == "train_test":
+            raise ConfigError(
+                f"method={method} learns from the annotated test images of another dataset "
+                "(the auxiliary setting), so it is never tested on the data it was trained on: "
+                f"train it with stage=train dataset=<A>, then test it with stage=test "
+                "checkpoint=<that run directory> dataset=<B> (e.g. A=visa, B=mvtec)."
+            )
+        if learning == "auxiliary" and cfg.stage == "train":
+            bare = [s.category for s in splits if not s.has_masks]
+            if bare:
+                raise ConfigError(
+                    f"method={method} trains on annotated test images (pixel masks), but "
+                    f"{splits[0].dataset} has no masks for {', '.join(bare[:5])}: train it on a "
+                    "dataset with ground-truth masks (e.g. mvtec or visa)."
+                )
+        if whole and cfg.alignment.name != "none":
+            why = ("fit_scope=dataset fits" if cfg.fit_scope == "dataset"
+                   else f"method={method} (auxiliary setting) fits")
+            raise ConfigError(f"{why} one model on every category, but alignment="
+                              f"{cfg.alignment.name} aligns each category to its own "
+                              "reference: use alignment=none.")
+        k = int(cfg.method.get("k_shot") or 0)
+        if k and cfg.stage != "train":
+            short = [s for s in splits if len(s.train) < k]
+            if short:
+                s = short[0]
+                raise ConfigError(
+                    f"method.k_shot={k} asks for {k} reference images, but {s.dataset}/"
+                    f"{s.category} has {len(s.train)} training images: choose "
+                    f"method.k_shot <= {len(s.train)}."
+                )
+
+    def _fitted(self, splits: list[CategorySplit], tested: list[CategorySplit], learning: str,
+                n_categories: int, whole: bool) -> Fitted:
+        """The model to test ``tested`` with: fitted on ``splits`` (one category, or every
+        category of ``whole`` dataset) by the learning setting, or restored from
+        ``checkpoint`` at stage=test (a whole-dataset model may come from another dataset)."""
+        cfg = self.cfg
+        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        dataset = splits[0].dataset
+        name = "all" if whole else splits[0].category
+        out_dir = self.run_dir if whole else inside(self.run_dir, self.run_dir / name)
+        seed_everything(int(cfg.seed))
+        self.transform = None
+        if cfg.stage == "test":
+            ckpt = checkpoint.locate(cfg.checkpoint, None if whole else name, n_categories)
+            payload = checkpoint.load(ckpt)
+            wanted = {"weights": self.requested_weights()}
+            if not whole:
+                wanted.update(dataset=dataset, category=name)
+            checkpoint.check_matches(payload, ckpt, model_cfg, wanted,
+                                     whole or bool(cfg.get("allow_other_category", False)),
+                                     whole)
+            if learning == "auxiliary":
+                checkpoint.check_unseen(payload, ckpt, dataset, [s.category for s in tested])
+            method = checkpoint.restore(payload, ckpt, model_cfg["backbone"], model_cfg["method"])
+            weights = payload["meta"]["weights"]
+            log.info("%s: loaded %s (fitted on %s/%s)", name, ckpt, payload["meta"]["dataset"],
+                     payload["meta"]["category"])
+            records = []
+        else:
+            method = build_method(model_cfg["method"], model_cfg["backbone"],
+                                  model_cfg["layers"], int(cfg.seed))
+            weights = method.weights_tag
+            records = [dataclasses.replace(r, category=s.category) for s in splits
+                       for r in (s.test if learning == "auxiliary" else s.train)
+                       if learning != "zero_shot"]
+        method = method.to(self.device)
+        preprocess = self._preprocess(method, model_cfg)
+        self._check_memory(method, records, tested, preprocess)
+        refs = [r for s in tested for r in s.train] if cfg.method.get("k_shot") else []
+        self._check_sizes(method, records + [r for s in tested for r in s.test] + refs,
+                          preprocess, name)
+        if not whole:
+            self.transform = self._alignment(model_cfg["alignment"], splits[0])
+        if cfg.stage == "test":
+            return Fitted(method, weights, preprocess, None, None, 0.0)
+        source = self._source(records, preprocess, learning == "auxiliary", model_cfg["method"],
+                              getattr(method, "augment", None), name)
+        method.setup(MethodContext(
+            dataset=dataset, category=name, class_name="" if whole else self._words(name),
+            references=None, device=self.device, seed=int(cfg.seed), out_dir=out_dir,
+            resume=bool(cfg.resume), class_names={s.category: self._words(s.category)
+                                                  for s in splits}))
+        watch = Stopwatch(self.device)
+        with PeakMemory(self.device) as peak, watch:
+            method.fit(source)
+        if self._save_model():
+            meta = {**self._describe(method, model_cfg, dataset, name),
+                    "categories": [s.category for s in splits]}
+            path = checkpoint.save(inside(self.run_dir, out_dir / "model.pt"), method,
+                                   model_cfg, meta)
+            log.info("%s: model saved to %s", name, path)
+        return Fitted(method, weights, preprocess, len(source), watch.seconds, peak.peak_mb)
+
+    def _describe(self, method: AnomalyMethod, model_cfg: dict[str, Any], dataset: str,
+                  category: str) -> dict[str, Any]:
+        """What a model is and was fitted on: the leading columns of its rows and the
+        description of its checkpoint."""
+        return {"method": model_cfg["method"]["name"], "backbone": model_cfg["backbone"]["name"],
+                "weights": method.weights_tag, "dataset": dataset, "category": category,
+                "layers": method.layers_tag, "resolution": resolution_tag(model_cfg["resolution"]),
+                "alignment": model_cfg["alignment"]["name"], "seed": int(self.cfg.seed)}
+
+    def _words(self, category: str) -> str:
+        """The category as words for text prompts (the layout's own names where it has them)."""
+        named = getattr(self.layout, "class_name", None)
+        return named(category) if callable(named) else category.replace("_", " ")
 
     def job_config(self, root: Path, category: str) -> dict[str, Any]:
         """The resolved configuration one results row stands for; resume compares it.
@@ -255,149 +388,48 @@ class Runner:
             "resume=false to recompute that category and replace its row."
         )
 
-    def run_category(self, split: CategorySplit, n_categories: int,
-                     root: Path | None = None, shared: Shared | None = None) -> dict[str, Any]:
-        """Fit (unless ``shared`` holds the dataset's one fitted model), score, evaluate and
-        write the results of one category."""
+    def _test(self, fitted: Fitted, split: CategorySplit, root: Path) -> dict[str, Any]:
+        """Score, evaluate and write the results of one category with a fitted model."""
         cfg = self.cfg
-        check_name(split.category, "dataset.category")
         cat_dir = inside(self.run_dir, self.run_dir / split.category)
         seed_everything(int(cfg.seed))
-        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
-        if shared is not None:
-            method, weights = shared.method, shared.weights
-        elif cfg.stage == "test":
-            ckpt = checkpoint.locate(cfg.checkpoint, split.category, n_categories)
-            payload = checkpoint.load(ckpt)
-            checkpoint.check_matches(
-                payload, ckpt, model_cfg,
-                {"weights": self.requested_weights(), "dataset": split.dataset,
-                 "category": split.category},
-                bool(cfg.get("allow_other_category", False)))
-            method = checkpoint.restore(payload, ckpt, model_cfg["backbone"])
-            weights = payload["meta"]["weights"]
-            log.info("%s: loaded %s (fitted on %s/%s)", split.category, ckpt,
-                     payload["meta"]["dataset"], payload["meta"]["category"])
-        else:
-            method = build_method(model_cfg["method"], model_cfg["backbone"],
-                                  model_cfg["layers"], int(cfg.seed))
-            weights = method.weights_tag
-        method = method.to(self.device)
-        mean, std = method.normalisation
-        preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
-                                crop=model_cfg["resolution"].get("crop"), mean=mean, std=std)
-        self._check_sizes(method, split, preprocess)
-        self.transform = self._alignment(model_cfg["alignment"], split)
-        source = self._fit_source(method, split, preprocess, model_cfg["method"])
+        method = fitted.method
+        refs = self._references(method, split, fitted.preprocess)
         method.setup(MethodContext(
             dataset=split.dataset, category=split.category,
-            class_name=split.category.replace("_", " "),
-            references=source if method.learning == "few_shot" else None,
-            device=self.device, seed=int(cfg.seed), out_dir=cat_dir, resume=bool(cfg.resume)))
-        row: dict[str, Any] = {
-            "method": model_cfg["method"]["name"],
-            "backbone": model_cfg["backbone"]["name"],
-            "weights": weights,
-            "dataset": split.dataset,
-            "category": split.category,
-            "layers": method.layers_tag,
-            "resolution": resolution_tag(model_cfg["resolution"]),
-            "alignment": model_cfg["alignment"]["name"],
-            "seed": int(cfg.seed),
-        }
-        train_time = Stopwatch(self.device)
-        fits = cfg.stage != "test" and shared is None
+            class_name=self._words(split.category), references=refs, device=self.device,
+            seed=int(cfg.seed), out_dir=cat_dir, resume=bool(cfg.resume),
+            class_names={split.category: self._words(split.category)}))
+        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        row: dict[str, Any] = {**self._describe(method, model_cfg, split.dataset,
+                                                split.category), "weights": fitted.weights}
         with PeakMemory(self.device) as peak:
-            if fits:
-                with train_time:
-                    method.fit(source)
-                if self._save_model():
-                    path = checkpoint.save(inside(self.run_dir, cat_dir / "model.pt"), method,
-                                           model_cfg, {**row, "layers": method.layers_tag})
-                    log.info("%s: model saved to %s", split.category, path)
-            outputs, test_s = None, 0.0
-            if cfg.stage != "train":
-                outputs, test_s = self._predict(method.eval(), split, preprocess)
-        metrics = (compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
-                   if outputs is not None else {})
+            outputs, test_s = self._predict(method.eval(), split, fitted.preprocess)
+        metrics = compute_metrics(outputs.scores, outputs.labels, outputs.maps, outputs.masks)
         row.update({
             **{k: metrics.get(k) for k in METRIC_NAMES},
-            "n_train": len(source) if fits else shared.n_train if shared else None,
-            "n_test": len(split.test) if outputs is not None else None,
-            "train_s": train_time.seconds if fits else shared.train_s if shared else None,
-            "test_s": test_s if outputs is not None else None,
-            "ms_per_image": (1000 * test_s / max(len(split.test), 1)
-                             if outputs is not None else None),
-            "peak_mem_mb": peak.peak_mb,
+            "n_train": (None if fitted.n_train is None
+                        else fitted.n_train + (len(refs) if refs is not None else 0)),
+            "n_test": len(split.test),
+            "train_s": fitted.train_s,
+            "test_s": test_s,
+            "ms_per_image": 1000 * test_s / max(len(split.test), 1),
+            "peak_mem_mb": max(fitted.peak_mb, peak.peak_mb),
             "device": str(self.device),
             "overrides": self.overrides,
         })
-        if outputs is None:
-            return row
         subset_rows = self._subset_rows(split, outputs, row)
-        self._save_results(cat_dir, outputs, [row, *subset_rows],
-                           root if root is not None else split.root)
+        self._save_results(cat_dir, outputs, [row, *subset_rows], root)
         log.info("%s: image AUROC %s, pixel AUROC %s, AUPRO %s, %.1f ms/image",
                  split.category, _fmt(row["image_auroc"]), _fmt(row["pixel_auroc"]),
                  _fmt(row["aupro"]), row["ms_per_image"])
         if cfg.plots.enabled:  # optional: a failure costs the figures, never the results
             try:
-                self._plots(cat_dir, outputs, split, preprocess, row)
+                self._plots(cat_dir, outputs, split, fitted.preprocess, row)
             except Exception as exc:  # any plotting failure is only a warning
                 log.warning("%s: plots not written (%s: %s); results.csv and scores.csv were",
                             split.category, type(exc).__name__, exc)
         return row
-
-    def _fit_dataset(self, layout: Any, root: Path, categories: list[str]) -> Shared:
-        """The one model of ``fit_scope=dataset``: fitted on the training images of every
-        category together (saved as ``model.pt`` at the run directory's root), or read from
-        ``checkpoint`` for ``stage=test``, where it may come from another (auxiliary)
-        dataset: trained on MVTec AD, tested on every category of another dataset."""
-        cfg = self.cfg
-        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
-        if model_cfg["alignment"]["name"] != "none":
-            raise ConfigError("fit_scope=dataset fits one model on every category, but "
-                              f"alignment={model_cfg['alignment']['name']} aligns each category "
-                              "to its own reference: use alignment=none.")
-        seed_everything(int(cfg.seed))
-        if cfg.stage == "test":
-            ckpt = checkpoint.locate(cfg.checkpoint, None, len(categories))
-            payload = checkpoint.load(ckpt)
-            checkpoint.check_matches(payload, ckpt, model_cfg,
-                                     {"weights": self.requested_weights()}, True, True)
-            log.info("loaded %s (fitted once on %s)", ckpt, payload["meta"]["dataset"])
-            method = checkpoint.restore(payload, ckpt, model_cfg["backbone"]).to(self.device)
-            return Shared(method, payload["meta"]["weights"], None, None)
-        method = build_method(model_cfg["method"], model_cfg["backbone"], model_cfg["layers"],
-                              int(cfg.seed)).to(self.device)
-        splits = [layout.split(root, c) for c in categories]
-        every = CategorySplit(dataset=splits[0].dataset, category="all", root=root,
-                              train=[r for sp in splits for r in sp.train], test=[],
-                              has_masks=all(sp.has_masks for sp in splits))
-        mean, std = method.normalisation
-        preprocess = Preprocess(size=model_cfg["resolution"].get("size"),
-                                crop=model_cfg["resolution"].get("crop"), mean=mean, std=std)
-        self._check_sizes(method, every, preprocess)
-        self.transform = None
-        source = self._fit_source(method, every, preprocess, model_cfg["method"])
-        method.setup(MethodContext(
-            dataset=every.dataset, category="all", class_name="",
-            references=source if method.learning == "few_shot" else None,
-            device=self.device, seed=int(cfg.seed), out_dir=self.run_dir,
-            resume=bool(cfg.resume)))
-        watch = Stopwatch(self.device)
-        with watch:
-            method.fit(source)
-        if self._save_model():
-            meta = {"method": model_cfg["method"]["name"],
-                    "backbone": model_cfg["backbone"]["name"], "weights": method.weights_tag,
-                    "layers": method.layers_tag,
-                    "resolution": resolution_tag(model_cfg["resolution"]),
-                    "dataset": every.dataset, "category": "all", "seed": int(cfg.seed)}
-            path = checkpoint.save(inside(self.run_dir, self.run_dir / "model.pt"), method,
-                                   model_cfg, meta)
-            log.info("model of all %d categories saved to %s", len(splits), path)
-        return Shared(method, method.weights_tag, len(source), watch.seconds)
 
     def _subset_rows(self, split: CategorySplit, out: Outputs,
                      row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -442,16 +474,16 @@ class Runner:
                 f"{self.results_path}: {why}. The computed row was: {values}."
             ) from None
 
-    def _check_sizes(self, method: AnomalyMethod, split: CategorySplit,
-                     preprocess: Preprocess) -> None:
+    def _check_sizes(self, method: AnomalyMethod, records: list[SampleRecord],
+                     preprocess: Preprocess, where: str) -> None:
         """Refuse image sizes the backbone (one fixed input size) or, at native
         resolution, the method or a batch (one size for all images) cannot take.
 
-        Read from the image headers before anything is fitted: a method that models each
-        position (``fixed_grid``) needs one grid for all images, and a batch stacks
-        images of one size.
+        Read from the image headers of ``records`` (every image the model will see in
+        this run) before anything is fitted: a method that models each position
+        (``fixed_grid``) needs one grid for all images, and a batch stacks images of one
+        size. ``where`` names them in the message (a category, or ``all``).
         """
-        self._check_memory(method, split, preprocess)
         need = method.required_input_size
         if need is not None and (preprocess.crop or preprocess.size) != need:
             raise ConfigError(
@@ -462,8 +494,7 @@ class Runner:
             )
         if preprocess.size is not None or preprocess.crop is not None:
             return  # every image is resized or cropped to one size
-        records = split.test if self.cfg.stage == "test" else split.train + split.test
-        sizes = image_sizes([r.image_path for r in records])
+        sizes = image_sizes(list(dict.fromkeys(r.image_path for r in records)))
         if len(sizes) < 2 or not (method.fixed_grid or int(self.cfg.batch_size) > 1):
             return
         listed = "; ".join(f"{w}x{h}: {len(p)} images (e.g. {p[0]})"
@@ -473,16 +504,17 @@ class Runner:
                f"batch_size={self.cfg.batch_size} stacks images of one size (batch_size=1 "
                "would take them one by one)")
         raise ConfigError(
-            f"resolution=native but the images of {split.dataset}/{split.category} have "
+            f"resolution=native but the images of {self.cfg.dataset.name}/{where} have "
             f"{len(sizes)} sizes ({listed}); {why}. Set resolution.size (e.g. resolution=r256 "
             "or resolution=paper) so that they are resized to one size."
         )
 
-    def _check_memory(self, method: AnomalyMethod, split: CategorySplit,
-                      preprocess: Preprocess) -> None:
+    def _check_memory(self, method: AnomalyMethod, fit_records: list[SampleRecord],
+                      tested: list[CategorySplit], preprocess: Preprocess) -> None:
         """Refuse a configuration that needs more memory than the device has
-        (:mod:`anomaly_bench.footprint`), before any image is read: the input size is the
-        crop or resize, or at native resolution the largest image header."""
+        (:mod:`anomaly_bench.footprint`), before any image is read: fitting on
+        ``fit_records``, then testing each split of ``tested`` in turn. The input size is
+        the crop or resize, or at native resolution the largest image header."""
         cfg = self.cfg
         extractor = getattr(method, "extractor", None)
         if extractor is None:
@@ -491,19 +523,17 @@ class Runner:
         if side is not None:
             w = h = int(side)
         else:
-            records = split.test if cfg.stage == "test" else split.train + split.test
+            records = fit_records + [r for s in tested for r in s.test]
             sizes = image_sizes([r.image_path for r in records])
             if not sizes:
                 return
             w, h = max(sizes, key=lambda s: s[0] * s[1])
         shapes = footprint.feature_shapes(extractor.channels, extractor.strides, (h, w))
-        fitting = cfg.stage != "test" and (cfg.fit_scope == "category" or not split.test)
-        n_fit = {"zero_shot": 0, "few_shot": min(method.k_shot, len(split.train))}.get(
-            method.learning, len(split.train))
-        n_test = len(split.test) if cfg.stage != "train" else 0
+        n_fit = len(fit_records)
+        n_test = max((len(s.test) for s in tested), default=0)
         fp = footprint.estimate(shapes, (h, w), int(cfg.batch_size),
-                                method.fit_bytes(n_fit, shapes) if fitting else 0, n_test,
-                                split.has_masks)
+                                method.fit_bytes(n_fit, shapes) if n_fit else 0, n_test,
+                                any(s.has_masks for s in tested))
         size, crop = (("null" if v is None else v) for v in (preprocess.size, preprocess.crop))
         footprint.check(fp, self.device, {
             "inputs": f"for one batch of batch_size={cfg.batch_size} images of {w}x{h} px "
@@ -513,12 +543,6 @@ class Runner:
                       "(method.* keys)",
             "maps": f"for the anomaly maps of the {n_test} test images at {w}x{h} px",
         })
-
-    def _check_names(self, categories: list[str]) -> None:
-        """Refuse, before any work, a category name the run directory's filesystem cannot
-        take as a folder name (longer than its NAME_MAX)."""
-        for category in categories:
-            check_name(category, "dataset.category", self.run_dir)
 
     def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
         """The loader hook rotating images and masks as the alignment decides, or None."""
@@ -558,32 +582,50 @@ class Runner:
         return bool(flag)
 
     # ------------------------------------------------------------------ data and scoring
-    def _batches(self, records: list, preprocess: Preprocess, split: CategorySplit,
-                 what: str) -> Iterator[Batch]:
+    def _preprocess(self, method: AnomalyMethod, model_cfg: dict[str, Any]) -> Preprocess:
+        """The resolution config with the backbone's statistics and the method's filters."""
+        mean, std = method.normalisation
+        filters = {**method_defaults(model_cfg["method"]["name"]), **model_cfg["method"]}
+        return Preprocess(size=model_cfg["resolution"].get("size"),
+                          crop=model_cfg["resolution"].get("crop"), mean=mean, std=std,
+                          resample=filters["input_resample"],
+                          mask_resample=filters["mask_resample"])
+
+    def _batches(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
+                 desc: str) -> Iterator[Batch]:
         loader = make_loader(records, preprocess, int(self.cfg.batch_size),
-                             int(self.cfg.num_workers), with_masks=split.has_masks,
+                             int(self.cfg.num_workers), with_masks=with_masks,
                              transform_pil=self.transform)
-        desc = f"{what} {split.category}"
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield batch.to(self.device)
 
-    def _fit_source(self, method: AnomalyMethod, split: CategorySplit, preprocess: Preprocess,
-                    method_cfg: dict[str, Any]) -> TrainSource:
-        """The images ``fit`` learns from, by the method's learning setting: the training
-        set (one-class), a seeded choice of ``k_shot`` of them (few-shot), or none."""
-        records = [] if method.learning == "zero_shot" else split.train
-        source = TrainSource(
-            records, lambda recs, what: self._batches(recs, preprocess, split, what),
+    def _source(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
+                method_cfg: dict[str, Any], augment: Any, name: str) -> TrainSource:
+        """``records`` as a re-iterable source of device batches (seeded epochs, optional
+        validation split from the method's ``train`` group, its augmentation hook)."""
+        return TrainSource(
+            records, lambda recs, what: self._batches(recs, preprocess, with_masks,
+                                                      f"{what} {name}"),
             seed=int(self.cfg.seed),
             val_fraction=float((method_cfg.get("train") or {}).get("val_fraction", 0.0)),
-            augment=getattr(method, "augment", None))
-        return source.choose(method.k_shot) if method.learning == "few_shot" else source
+            augment=augment)
+
+    def _references(self, method: AnomalyMethod, split: CategorySplit,
+                    preprocess: Preprocess) -> TrainSource | None:
+        """A seeded choice of ``method.k_shot`` normal training images of the tested
+        category (few-shot references), or None."""
+        if not method.k_shot:
+            return None
+        records = [dataclasses.replace(r, category=split.category) for r in split.train]
+        return self._source(records, preprocess, False, {}, None,
+                            split.category).choose(method.k_shot)
 
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
         scores, labels, maps, masks, paths, defects, turns = [], [], [], [], [], [], []
-        for batch in self._batches(split.test, preprocess, split, "test"):
+        for batch in self._batches(split.test, preprocess, split.has_masks,
+                                   f"test {split.category}"):
             with watch:
                 pred = method.predict(batch)
             scores.append(pred.image_scores)

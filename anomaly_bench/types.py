@@ -18,7 +18,9 @@ class SampleRecord:
     ``label`` is 0 for normal and 1 for anomalous; ``mask_path`` is None for normal
     images and for datasets without pixel annotations; ``defect_type`` is the defect
     folder name (``"good"`` for normal images); ``subset`` names a test subset such as
-    an AeBAD domain shift (empty when the dataset has none).
+    an AeBAD domain shift (empty when the dataset has none); ``category`` is the category
+    the image belongs to (set by the runner, which mixes categories in a fit over a whole
+    dataset; empty when unknown).
     """
 
     image_path: Path
@@ -26,6 +28,7 @@ class SampleRecord:
     defect_type: str = "good"
     mask_path: Path | None = None
     subset: str = ""
+    category: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class Batch:
     ``images`` are normalised float tensors (B, 3, H, W); ``masks`` are {0, 1} float
     tensors (B, 1, H, W) aligned with the images, or None when the dataset has no
     masks; ``labels`` (B,) are 0/1; ``rotations`` (B,) count the quarter turns applied by
-    alignment (0 when none), so maps can be turned back for display.
+    alignment (0 when none), so maps can be turned back for display; ``categories`` name
+    each image's category (empty strings when unknown).
     """
 
     images: torch.Tensor
@@ -61,6 +65,7 @@ class Batch:
     defect_types: list[str]
     masks: torch.Tensor | None = None
     rotations: torch.Tensor | None = None
+    categories: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
         """Move the tensors to ``device`` (non-blocking where possible)."""
@@ -71,6 +76,7 @@ class Batch:
             defect_types=self.defect_types,
             masks=None if self.masks is None else self.masks.to(device, non_blocking=True),
             rotations=None if self.rotations is None else self.rotations.to(device),
+            categories=self.categories,
         )
 
 

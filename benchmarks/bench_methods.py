@@ -77,7 +77,8 @@ def measure(name: str, split, device: torch.device, batch_size: int, extra: list
     cfg = method_config(name, extra)
     method_cfg, res = cfg["method"], cfg["resolution"]
     model = build_method(method_cfg, cfg["backbone"], cfg["layers"], seed=0).to(device).eval()
-    pre = Preprocess(size=res["size"], crop=res["crop"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    pre = Preprocess(size=res["size"], crop=res["crop"], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     resample="bilinear", mask_resample="nearest")
 
     def batches(records):
         for b in make_loader(records, pre, batch_size, 0, with_masks=False):

@@ -88,7 +88,8 @@ def load_split(root: Path, category: str, n_train: int):
 
     layout = get_layout("mvtec" if (root / category / "ground_truth").is_dir() else "folder")
     split = layout.split(root, category)
-    pre = Preprocess(size=256, crop=IMAGE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    pre = Preprocess(size=256, crop=IMAGE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     resample="bilinear", mask_resample="nearest")
 
     def batches(records):
         return list(make_loader(records, pre, BATCH, 0, with_masks=split.has_masks))

@@ -195,7 +195,7 @@ def compose_config(overrides: Sequence[str] = ()):
     """The run config ``anomaly-bench`` would compose from ``overrides`` (a DictConfig)."""
     from hydra import compose, initialize_config_dir
 
-    from anomaly_bench.cli import config_dir
+    from anomaly_bench.configs import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return compose("config", overrides=list(overrides))
@@ -226,4 +226,5 @@ def preprocess(size: int | None = 256, crop: int | None = 224):
     from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
     from anomaly_bench.data import Preprocess
 
-    return Preprocess(size=size, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Preprocess(size=size, crop=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      resample="bilinear", mask_resample="nearest")

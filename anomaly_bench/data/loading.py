@@ -3,9 +3,9 @@
 Images are read with PIL and fully decoded (a truncated file is an error, never silently
 padded), turned upright as their EXIF orientation says (masks too, so a mask drawn on the
 photo as it is shown fits it), turned into RGB, resized to ``size x size`` with PIL's
-anti-aliased bilinear filter, centre-cropped and normalised. Masks follow the same
-geometry with nearest resampling. No torchvision: the same code runs wherever torch and
-Pillow do.
+anti-aliased bilinear (or bicubic) filter, centre-cropped and normalised. Masks follow the
+same geometry (nearest resampling, or bilinear thresholded at one half). No torchvision:
+the same code runs wherever torch and Pillow do.
 
 Pixel formats: 8-bit (L, P, RGB, RGBA, ... through PIL's RGB conversion), 16-bit
 grayscale (``I;16``, ``I``: scaled by the bit depth, 0..65535 to 0..255) and 32-bit float
@@ -175,17 +175,30 @@ def image_sizes(paths: Sequence[str | Path]) -> dict[tuple[int, int], list[Path]
 
 
 # ---------------------------------------------------------------------- preprocessing
+#: Image and mask resampling filters by config name (``method.input_resample``,
+#: ``method.mask_resample``).
+IMAGE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+MASK_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize to ``size`` x ``size`` (None = native), centre-crop ``crop`` (None = none), and
     normalise with ``mean`` and ``std``: the backbone's own input statistics
     (:attr:`~anomaly_bench.backbones.base.Backbone.mean`), which the runner passes.
+
+    ``resample`` is PIL's filter for images (``bilinear``, as torchvision's default
+    transforms; ``bicubic``, as CLIP's preprocessing), both anti-aliased when shrinking;
+    ``mask_resample`` the one for masks: ``nearest`` (the mask stays binary) or
+    ``bilinear`` followed by a threshold at half the defect value (APRIL-GAN's code).
     """
 
     size: int | None
     crop: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resample: str
+    mask_resample: str
 
     def __post_init__(self) -> None:
         for key in ("size", "crop"):
@@ -196,6 +209,10 @@ class Preprocess:
                 object.__setattr__(self, key, int(val))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        for key, allowed in (("resample", IMAGE_FILTERS), ("mask_resample", MASK_FILTERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of "
+                                  f"{', '.join(allowed)}.")
 
     def output_size(self, native_hw: tuple[int, int]) -> tuple[int, int]:
         """(H, W) of a preprocessed image whose native size is ``native_hw``."""
@@ -224,7 +241,7 @@ class Preprocess:
         """(3, H, W) float32 normalised tensor; grayscale becomes 3-channel RGB."""
         if pil.mode != "RGB":
             pil = _to_rgb(pil)
-        pil = self._geometry(pil, Image.Resampling.BILINEAR)
+        pil = self._geometry(pil, IMAGE_FILTERS[self.resample])
         x = torch.from_numpy(np.asarray(pil, dtype=np.float32).copy()).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) * 255.0
@@ -236,8 +253,9 @@ class Preprocess:
             arr = np.asarray(pil)
             arr = arr.any(axis=-1) if arr.ndim == 3 else arr > 0
             pil = Image.fromarray(arr.astype(np.uint8) * 255)
-        pil = self._geometry(pil, Image.Resampling.NEAREST)
-        return torch.from_numpy((np.asarray(pil) > 0).astype(np.float32))[None]
+        pil = self._geometry(pil, MASK_FILTERS[self.mask_resample])
+        cut = 0 if self.mask_resample == "nearest" else 127  # bilinear: > 0.5 of 255
+        return torch.from_numpy((np.asarray(pil) > cut).astype(np.float32))[None]
 
 
 # ---------------------------------------------------------------------- dataset
@@ -281,7 +299,7 @@ class RecordDataset(Dataset):
         try:
             return ("sample", file_stamp(rec.image_path),
                     file_stamp(rec.mask_path) if self.with_masks else None, rec.label,
-                    rec.defect_type, self.preprocess, self.with_masks,
+                    rec.defect_type, rec.category, self.preprocess, self.with_masks,
                     decide(rec) if decide is not None else None)
         except OSError:
             return None  # missing file: loading reports it
@@ -305,7 +323,7 @@ class RecordDataset(Dataset):
         x = self.preprocess.image(image)
         item: dict[str, Any] = {
             "image": x, "label": int(rec.label), "path": str(rec.image_path),
-            "defect_type": rec.defect_type, "rotation": rotation,
+            "defect_type": rec.defect_type, "rotation": rotation, "category": rec.category,
         }
         if self.with_masks:
             item["mask"] = (self.preprocess.mask(mask) if mask is not None
@@ -331,6 +349,7 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
         defect_types=[it["defect_type"] for it in items],
         masks=torch.stack([it["mask"] for it in items]) if has_masks else None,
         rotations=torch.tensor([it.get("rotation", 0) for it in items], dtype=torch.long),
+        categories=[it.get("category", "") for it in items],
     )
 
 

@@ -1,29 +1,36 @@
 """The small interface every method implements, and the registry the runner builds from.
 
-A method is a torch module that owns its feature extractor. Its lifecycle, driven by the
-runner and the same for every method:
+A method is a torch module that owns its feature extractor(s). Its lifecycle, driven by
+the runner and the same for every method:
 
-1. ``setup(context)``: what the method may need before seeing data (dataset, category and
-   its class name for text prompts, few-shot references, device, seed, its output folder,
-   whether to resume an interrupted training).
-2. ``fit(source)``: the training images as a re-iterable
+1. ``setup(context)``: what the method may need before the data that comes next (dataset,
+   category and its class name for text prompts, the class names of every category it
+   will see, few-shot references, device, seed, its output folder, whether to resume an
+   interrupted training). The runner calls it before ``fit`` with the fitting context,
+   and again before each tested category's predictions with that category's context.
+2. ``fit(source)``: the images of its learning setting as a re-iterable
    :class:`~anomaly_bench.data.source.TrainSource` (one ordered pass with ``iter``, seeded
-   epochs with ``source.epoch(e)``); zero-shot methods get an empty source. A trained
-   method hands it to :func:`anomaly_bench.training.train` and owns its train/eval modes.
+   epochs with ``source.epoch(e)``). A trained method hands it to
+   :func:`anomaly_bench.training.train` and owns its train/eval modes.
 3. ``predict(batch)``: image scores and anomaly maps per test batch.
 
-The fitted state travels through ``state_dict`` / :func:`load_fitted_state`. ``learning``
-says which images the method learns from: ``one_class`` (the normal training set),
-``few_shot`` (``method.k_shot`` seeded references) or ``zero_shot`` (none). Nothing in the
-runner depends on which method it is.
+The learning setting (:data:`LEARNING`, declared when the method registers) says what
+``fit`` reads: ``one_class`` (the normal training images of the fitted categories),
+``zero_shot`` (nothing) or ``auxiliary`` (the annotated test images, masks included, of
+another dataset's categories: APRIL-GAN's adapters). An auxiliary method is fitted once
+per dataset and never tested on the images it learned from. Independently,
+``method.k_shot`` > 0 gives a method few-shot references: a seeded choice of k normal
+training images of the tested category, in the context before its predictions. Keys that
+act only at test time (``k_shot``, ...) are declared too: a checkpoint is not checked
+against them and takes them from the run. The fitted state travels through
+``state_dict`` / :func:`load_fitted_state`. Nothing in the runner depends on which method
+it is.
 """
-
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_bench.configs import option_values
+from anomaly_bench.data.loading import IMAGE_FILTERS, MASK_FILTERS
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.ops.blur import BORDERS
@@ -39,27 +48,36 @@ from anomaly_bench.types import Batch, Prediction
 
 Config = Mapping[str, Any]
 MethodFactory = Callable[[Config, Config, Config, int], "AnomalyMethod"]
+Learning = str | Callable[[Config], str]
 _REGISTRY: dict[str, MethodFactory] = {}
 _SCHEMAS: dict[str, Schema] = {}
+_LEARNING: dict[str, Learning] = {}
+_TEST_TIME: dict[str, tuple[str, ...]] = {}
 #: Keys every method group has: the blur of its anomaly maps (sigma and border convention,
 #: see :mod:`anomaly_bench.ops.blur`) and the paper's preprocessing (``resolution=paper``
-#: reads ``input_size`` and ``input_crop``).
+#: reads ``input_size`` and ``input_crop``; the resampling filters apply at any resolution).
 COMMON_KEYS: dict[str, Key] = {
     "blur_sigma": Key(float, lo=0),
     "blur_border": one_of(*BORDERS),
     "input_size": Key(int, lo=1, null=True),
     "input_crop": Key(int, lo=1, null=True),
+    "input_resample": one_of(*IMAGE_FILTERS),
+    "mask_resample": one_of(*MASK_FILTERS),
 }
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method learns before fitting (see :meth:`AnomalyMethod.setup`).
+    """What a method learns before the data that comes next (see :meth:`AnomalyMethod.setup`).
 
-    ``class_name`` is the category as words (``metal_nut`` -> ``metal nut``), for text
-    prompts; ``references`` the few-shot images (None unless ``learning == "few_shot"``);
-    ``out_dir`` the category's folder in the run directory (training state goes there);
-    ``resume`` whether an interrupted training there continues.
+    ``category`` is the category fitted or tested (``all`` for a fit over a whole
+    dataset); ``class_name`` its name as words for text prompts (``metal_nut`` -> ``metal
+    nut``; empty for a whole dataset) and ``class_names`` those of every category the
+    method will see in this step (each batch names its images' categories,
+    :attr:`~anomaly_bench.types.Batch.categories`); ``references`` the few-shot images of
+    the tested category (None unless ``k_shot`` > 0 and a category is being tested);
+    ``out_dir`` the folder of this step in the run directory (a training state goes
+    there); ``resume`` whether an interrupted training there continues.
     """
 
     dataset: str
@@ -70,30 +88,35 @@ class MethodContext:
     seed: int
     out_dir: Path
     resume: bool
+    class_names: Mapping[str, str] = field(default_factory=dict)
 
 
-LEARNING = ("one_class", "few_shot", "zero_shot")
+#: What ``fit`` reads: the normal training images, nothing, or another dataset's
+#: annotated test images.
+LEARNING = ("one_class", "zero_shot", "auxiliary")
 
 
 class AnomalyMethod(nn.Module, ABC):
     """Base class: ``setup``, ``fit`` on normal images, ``predict`` scores and maps."""
 
     name: str = ""
-    #: Which images the method learns from: one of :data:`LEARNING`.
+    #: What ``fit`` reads: one of :data:`LEARNING` (set from the registration by
+    #: :func:`build_method`).
     learning: str = "one_class"
-    #: Few-shot methods: how many reference images (``method.k_shot``).
+    #: Few-shot references of the tested category in the context before its predictions
+    #: (``method.k_shot``; 0 = none).
     k_shot: int = 0
     #: Submodules that are never fitted (the frozen backbone): checkpoints leave them out
     #: and ``stage=test`` rebuilds them from the backbone config and its weights.
     frozen: tuple[str, ...] = ("extractor",)
+    #: True when the method models each feature position (PaDiM): every image of a
+    #: category must then give the same feature grid.
+    fixed_grid: bool = False
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         """What fitting produced: ``state_dict`` without the :attr:`frozen` submodules."""
         return {k: v for k, v in self.state_dict().items()
                 if k.split(".", 1)[0] not in self.frozen}
-    #: True when the method models each feature position (PaDiM): every image of a
-    #: category must then give the same feature grid.
-    fixed_grid: bool = False
 
     @property
     def zero_shot(self) -> bool:
@@ -101,7 +124,8 @@ class AnomalyMethod(nn.Module, ABC):
         return self.learning == "zero_shot"
 
     def setup(self, context: MethodContext) -> None:
-        """Receive the run's context before ``fit`` or ``predict`` (kept as ``self.context``)."""
+        """Receive the context of what comes next: before ``fit``, and before each tested
+        category's predictions (kept as ``self.context``)."""
         self.context = context
 
     @abstractmethod
@@ -146,27 +170,51 @@ class AnomalyMethod(nn.Module, ABC):
                 tuple(getattr(extractor, "std", IMAGENET_STD)))
 
 
-def register(name: str, schema: Schema) -> Callable[[MethodFactory], MethodFactory]:
+def register(name: str, schema: Schema, *, learning: Learning = "one_class",
+             test_time: tuple[str, ...] = ()) -> Callable[[MethodFactory], MethodFactory]:
     """Decorator registering ``factory(method_cfg, backbone_cfg, layers_cfg, seed)``.
 
     ``schema`` declares the method's own keys of the ``method`` group (types and ranges,
-    see :mod:`anomaly_bench.schema`); :data:`COMMON_KEYS` are added to it.
+    see :mod:`anomaly_bench.schema`); :data:`COMMON_KEYS` are added to it. ``learning`` is
+    its learning setting (:data:`LEARNING`), or a function of its config when a key
+    chooses it. ``test_time`` names keys that act only at test time (``k_shot``, ...):
+    a checkpoint is neither checked against them nor restored with its own values.
     """
-
     def deco(factory: MethodFactory) -> MethodFactory:
         _REGISTRY[name] = factory
         _SCHEMAS[name] = {**COMMON_KEYS, **schema}
+        _LEARNING[name] = learning
+        _TEST_TIME[name] = tuple(test_time)
         return factory
 
     return deco
 
 
+def learning_of(method_cfg: Mapping[str, Any]) -> str:
+    """The learning setting of the configured method (without building it)."""
+    name = _known(method_cfg.get("name"))
+    learning = _LEARNING[name]
+    value = learning({**method_defaults(name), **method_cfg}) if callable(learning) \
+        else learning
+    assert value in LEARNING, f"{name}: learning setting {value!r} is not in {LEARNING}"
+    return value
+
+
+def keys_at_test(name: str) -> tuple[str, ...]:
+    """Keys of method ``name`` that act only at test time."""
+    return _TEST_TIME[_known(name)]
+
+
+def _known(name: Any) -> str:
+    _import_all()
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
+    return str(name)
+
+
 def method_schema(name: str) -> Schema:
     """The declared keys of method ``name``; ConfigError listing the methods when unknown."""
-    _import_all()
-    if name not in _SCHEMAS:
-        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
-    return _SCHEMAS[name]
+    return _SCHEMAS[_known(name)]
 
 
 def available() -> list[str]:
@@ -181,30 +229,19 @@ def build_method(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
 
     Keys ``method_cfg`` leaves out take the values of the method's YAML file
     (``conf/method/<name>.yaml``), the one place where defaults live, so the factories
-    and constructors hold none.
+    and constructors hold none. The instance gets its learning setting and ``k_shot``.
     """
-    _import_all()
-    name = method_cfg.get("name")
-    if name not in _REGISTRY:
-        raise ConfigError(f"method.name={name!r} is unknown; available: {', '.join(available())}.")
-    return _REGISTRY[name]({**method_defaults(name), **method_cfg}, backbone_cfg, layers_cfg,
-                           seed)
-
-
-@cache
-def _yaml_defaults(name: str) -> tuple[tuple[str, Any], ...]:
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    path = Path(str(resources.files("anomaly_bench.conf"))) / "method" / f"{name}.yaml"
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return tuple(values.items())  # type: ignore[union-attr]
+    name = _known(method_cfg.get("name"))
+    full = {**method_defaults(name), **method_cfg}
+    method = _REGISTRY[name](full, backbone_cfg, layers_cfg, seed)
+    method.learning = learning_of(full)
+    method.k_shot = int(full.get("k_shot") or 0)
+    return method
 
 
 def method_defaults(name: str) -> dict[str, Any]:
-    """The keys of ``conf/method/<name>.yaml`` with their default values."""
-    return dict(_yaml_defaults(name))
+    """The keys of ``conf/method/<name>.yaml`` (shared keys included) with their defaults."""
+    return option_values("method", name)
 
 
 def load_fitted_state(method: AnomalyMethod, state: Mapping[str, torch.Tensor],

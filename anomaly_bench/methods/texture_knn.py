@@ -72,7 +72,6 @@ class TextureKnn(AnomalyMethod):
         self.mode, self.k, self.pool, self.border, self.impl = mode, k, pool, border, impl
         self.blur_sigma = blur_sigma
         self.blur_border = blur_border
-        self.learning = "zero_shot" if mode == "zero_shot" else "one_class"
         self.register_buffer("bank", None)  # many_shot: (N, C) training patch features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -90,7 +89,7 @@ class TextureKnn(AnomalyMethod):
         return 0 if self.zero_shot else 4 * n_images * c * h * w
 
     def fit(self, batches: Iterable[Batch]) -> None:
-        if self.zero_shot:
+        if self.mode == "zero_shot":
             return
         parts = [self.features(b.images).permute(0, 2, 3, 1).flatten(0, 2) for b in batches]
         if not parts:
@@ -101,7 +100,7 @@ class TextureKnn(AnomalyMethod):
         """(B, h, w) kNN scores of (B, C, h, w) features."""
         b, c, h, w = feats.shape
         x = feats.flatten(2).transpose(1, 2).contiguous()  # (B, P, C)
-        if self.zero_shot:
+        if self.mode == "zero_shot":
             k = min(self.k, h * w - 1)
             fn = self_knn_mean if self.impl == "fast" else self_knn_mean_reference
             return fn(x, k).view(b, h, w)
@@ -109,7 +108,8 @@ class TextureKnn(AnomalyMethod):
             raise RuntimeError("texture_knn many_shot predict called before fit")
         k = min(self.k, self.bank.shape[0])
         if self.impl == "fast":
-            d = knn(x.reshape(-1, c), self.bank, k).distances
+            # 400 averaged neighbours: the product-form distances (see ops/knn.py)
+            d = knn(x.reshape(-1, c), self.bank, k, remeasure=False).distances
         else:
             q = x.reshape(-1, c)
             d = torch.cat([torch.cdist(q[i:i + 256], self.bank).sort(dim=1).values[:, :k]
@@ -138,7 +138,8 @@ SCHEMA = {
 }
 
 
-@register("texture_knn", SCHEMA)
+@register("texture_knn", SCHEMA,
+          learning=lambda cfg: "zero_shot" if cfg["mode"] == "zero_shot" else "one_class")
 def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
            layers_cfg: Mapping[str, Any], seed: int) -> TextureKnn:
     return TextureKnn(

@@ -195,12 +195,12 @@ def test_ctrl_c_keeps_finished_rows_and_the_next_run_resumes(mvtec, tmp_path):
     script = (
         "import sys\n"
         "from anomaly_bench import cli, runner\n"
-        "original = runner.Runner.run_category\n"
-        "def run_category(self, split, *a):\n"
+        "original = runner.Runner._test\n"
+        "def _test(self, fitted, split, *a):\n"
         "    if split.category == 'screw':\n"
         "        raise KeyboardInterrupt\n"
-        "    return original(self, split, *a)\n"
-        "runner.Runner.run_category = run_category\n"
+        "    return original(self, fitted, split, *a)\n"
+        "runner.Runner._test = _test\n"
         f"sys.argv = ['anomaly-bench', *{args!r}]\n"
         "cli.main()\n"
     )

@@ -73,7 +73,7 @@ def test_round_trip_restores_identical_scores(saved):
     payload = checkpoint.load(path)
     assert payload["meta"] == META
     assert not any(k.startswith("extractor.") for k in payload["state_dict"])
-    restored = checkpoint.restore(payload, path, BACKBONE)
+    restored = checkpoint.restore(payload, path, BACKBONE, payload["config"]["method"])
     a, b = model.predict(_batch(test)), restored.predict(_batch(test))
     assert torch.equal(a.image_scores, b.image_scores)
     assert torch.equal(a.anomaly_maps, b.anomaly_maps)

@@ -1,5 +1,7 @@
 """Preprocessing, items, batches and the user-facing errors of image and mask loading."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -203,6 +205,30 @@ def test_worker_errors_keep_their_message(tmp_path):
         next(iter(loader))
     msg = str(err.value)
     assert msg.startswith(f"Cannot read image {path}") and "Traceback" not in msg
+
+
+def test_resampling_filters_are_pil_s_and_bilinear_masks_are_thresholded_at_half(tmp_path):
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mask = np.zeros((37, 53), np.uint8)
+    mask[10:14, 20:23] = 255  # a small defect: bilinear then > 0.5 keeps less than nearest
+    base = preprocess(size=16, crop=None)
+    for name, flt in (("bilinear", Image.Resampling.BILINEAR),
+                      ("bicubic", Image.Resampling.BICUBIC)):
+        pre = dataclasses.replace(base, resample=name)
+        want = np.asarray(Image.fromarray(arr).resize((16, 16), flt), np.float32)
+        got = pre.image(Image.fromarray(arr)).permute(1, 2, 0).numpy()
+        got = got * np.array(IMAGENET_STD) * 255 + np.array(IMAGENET_MEAN) * 255
+        np.testing.assert_allclose(got, want, atol=1e-3)
+    resized = np.asarray(Image.fromarray(mask).resize((16, 16), Image.Resampling.BILINEAR))
+    soft = dataclasses.replace(base, mask_resample="bilinear").mask(Image.fromarray(mask))
+    assert torch.equal(soft[0], torch.from_numpy((resized > 127).astype(np.float32)))
+    hard = base.mask(Image.fromarray(mask))[0]
+    near = np.asarray(Image.fromarray(mask).resize((16, 16), Image.Resampling.NEAREST)) > 0
+    assert torch.equal(hard, torch.from_numpy(near.astype(np.float32)))
+    assert soft.sum() != hard.sum()  # the two conventions differ on a small defect
+    with pytest.raises(ConfigError, match="resample='lanczos'"):
+        dataclasses.replace(base, resample="lanczos")
 
 
 # ---------------------------------------------------------------------- float and EXIF

@@ -1,8 +1,10 @@
 """One contract every registered method keeps, on every backbone kind it can use.
 
-setup -> fit -> predict gives one finite score per image and a map at the image size;
-the fitted state survives a checkpoint (the frozen backbone left out) and the restored
-method scores identically; the frozen backbone is never part of what is saved.
+The runner's lifecycle (setup with the fitting context -> fit on the images of the
+learning setting -> setup with the tested category's context and few-shot references ->
+predict) gives one finite score per image and a map at the image size; the fitted state
+survives a checkpoint (the frozen backbone left out) and the restored method scores
+identically; the frozen backbone is never part of what is saved.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from omegaconf import OmegaConf
 from anomaly_bench import checkpoint
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.footprint import feature_shapes
-from anomaly_bench.methods import AnomalyMethod, MethodContext, available, build_method
+from anomaly_bench.methods import (
+    LEARNING,
+    AnomalyMethod,
+    MethodContext,
+    available,
+    build_method,
+)
 from anomaly_bench.types import Batch, SampleRecord
 
 BACKBONE = {"name": "resnet18", "hub_tag": "tv_in1k", "pretrained": False, "weights": None,
@@ -37,12 +45,17 @@ SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
 
 
 def _batches(records: list[SampleRecord], what: str):
+    """Seeded random images; an anomalous record gets a square defect in its mask."""
     for i in range(0, len(records), 4):
         chunk = records[i : i + 4]
         images = torch.stack([torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(
             int(r.image_path.stem))) for r in chunk])
-        yield Batch(images=images, labels=torch.zeros(len(chunk), dtype=torch.long),
-                    paths=[str(r.image_path) for r in chunk], defect_types=["good"] * len(chunk))
+        masks = torch.zeros(len(chunk), 1, 64, 64)
+        labels = torch.tensor([r.label for r in chunk], dtype=torch.long)
+        masks[labels == 1, :, 16:32, 24:40] = 1
+        yield Batch(images=images, labels=labels, paths=[str(r.image_path) for r in chunk],
+                    defect_types=["crack" if r.label else "good" for r in chunk], masks=masks,
+                    categories=[r.category for r in chunk])
 
 
 def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, dict]:
@@ -59,15 +72,18 @@ def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, di
 def _fitted(method: str, tmp_path: Path, extra: dict | None, kind: str) -> AnomalyMethod:
     method_cfg, backbone, layers = _configs(method, extra, kind)
     model = build_method(method_cfg, backbone, layers, seed=0)
-    records = [SampleRecord(Path(f"{i}.png"), 0) for i in range(8)]
-    source = TrainSource([] if model.learning == "zero_shot" else records, _batches, seed=0)
-    if model.learning == "few_shot":
-        source = source.choose(model.k_shot)
-    model.setup(MethodContext(dataset="synthetic", category="metal_nut", class_name="metal nut",
-                              references=source if model.learning == "few_shot" else None,
-                              device=torch.device("cpu"), seed=0, out_dir=tmp_path,
-                              resume=False))
+    normal = [SampleRecord(Path(f"{i}.png"), 0, category="metal_nut") for i in range(8)]
+    annotated = [SampleRecord(Path(f"{50 + i}.png"), i % 2, category="metal_nut")
+                 for i in range(8)]
+    fit_records = {"one_class": normal, "zero_shot": [], "auxiliary": annotated}
+    source = TrainSource(fit_records[model.learning], _batches, seed=0)
+    context = {"dataset": "synthetic", "category": "metal_nut", "class_name": "metal nut",
+               "device": torch.device("cpu"), "seed": 0, "out_dir": tmp_path, "resume": False,
+               "class_names": {"metal_nut": "metal nut"}}
+    model.setup(MethodContext(references=None, **context))
     model.fit(source)
+    refs = TrainSource(normal, _batches, seed=0).choose(model.k_shot) if model.k_shot else None
+    model.setup(MethodContext(references=refs, **context))
     return model.eval()
 
 
@@ -89,8 +105,7 @@ def tiny_clip(tmp_path_factory) -> str:
                               for m, e, k in CASES])
 def test_method_contract(method, extra, kind, tmp_path):
     model = _fitted(method, tmp_path, extra, kind)
-    assert model.context.class_name == "metal nut" and model.learning in (
-        "one_class", "few_shot", "zero_shot")
+    assert model.context.class_name == "metal nut" and model.learning in LEARNING
     batch = _test_batch()
     pred = model.predict(batch)
     assert pred.image_scores.shape == (3,) and pred.anomaly_maps.shape == (3, 64, 64)
@@ -106,7 +121,8 @@ def test_method_contract(method, extra, kind, tmp_path):
             "layers": model.layers_tag, "resolution": "64", "dataset": "synthetic",
             "category": "metal_nut", "seed": 0}
     path = checkpoint.save(tmp_path / "model.pt", model, config, meta)
-    restored = checkpoint.restore(checkpoint.load(path), path, backbone).eval()
+    payload = checkpoint.load(path)
+    restored = checkpoint.restore(payload, path, backbone, payload["config"]["method"]).eval()
     again = restored.predict(batch)
     assert torch.equal(again.image_scores, pred.image_scores)
     assert torch.equal(again.anomaly_maps, pred.anomaly_maps)
