@@ -9,9 +9,8 @@ itself, which :class:`RunDirectory` creates before Hydra writes into it.
 Ctrl-C (exit 130) and SIGTERM (exit 143: what SLURM sends before it kills a job) stop with
 one line; the rows already written stay, and running the same command into the same run
 directory resumes. SIGUSR1 and SIGUSR2 are left alone: a cluster launcher or job script
-requeues with them.
-SIGXFSZ is ignored, so a file over the size limit (``ulimit -f``) fails its write (EFBIG,
-reported as above) instead of killing the process.
+requeues with them. SIGXFSZ is ignored, so a file over the size limit (``ulimit -f``)
+fails its write (EFBIG, reported as above) instead of killing the process.
 """
 
 from __future__ import annotations
