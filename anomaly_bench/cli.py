@@ -28,7 +28,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from anomaly_bench.configs import config_dir
 from anomaly_bench.errors import AnomalyBenchError
@@ -79,6 +79,14 @@ class RunDirectory(Callback):
         _prepare(Path(str(hc.run.dir)), names, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from anomaly_bench.launchers import check_launcher
+
+        try:
+            check_launcher(OmegaConf.to_container(config.hydra.launcher, resolve=True))
+        except AnomalyBenchError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _fail(str(exc), exc.exit_code)
         _prepare(Path(str(config.hydra.sweep.dir)), ["multirun.yaml"], "hydra.sweep.dir")
 
 
@@ -131,6 +139,26 @@ def _ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _compose(overrides: list[str]) -> DictConfig:
+    """The configuration composed with ``overrides`` (Hydra's compose API, hydra node kept)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _check_launcher_overrides(argv: list[str]) -> None:
+    """A launcher asked for on the command line: its plugin installed, its keys known."""
+    from anomaly_bench.launchers import check_overrides
+
+    try:
+        check_overrides([a for a in argv if not a.startswith("-")], _compose)
+    except AnomalyBenchError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _fail(str(exc), exc.exit_code)
+
+
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -138,6 +166,7 @@ def main() -> None:
     # a log line that cannot be written (the disk the error is about) stays silent rather
     # than burying the one-paragraph error under logging's own tracebacks
     logging.raiseExceptions = False
+    _check_launcher_overrides(sys.argv[1:])
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()),
                    config_name="config")(_task)()
