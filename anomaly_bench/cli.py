@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from anomaly_bench import sweep  # registers ${job_dir:} in every process a job runs in
 from anomaly_bench.configs import config_dir
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
@@ -51,12 +52,19 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def _stopped(exc: KeyboardInterrupt, run_dir: Path | None) -> NoReturn:
+def _stopped(exc: KeyboardInterrupt, run_dir: Path | None,
+             sweep_dir: Path | None = None) -> NoReturn:
     """One line for Ctrl-C (exit 130) or SIGTERM (exit 143), saying how to resume."""
     what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) \
         else ("interrupted", 130)
-    where = (f"; finished categories are in {run_dir}/results.csv, and the same command with "
-             f"hydra.run.dir={run_dir} resumes." if run_dir is not None else ".")
+    if sweep_dir is not None:
+        where = (f"; finished jobs and categories stay in {sweep_dir}, and the same command "
+                 f"with hydra.sweep.dir={sweep_dir} reuses them and runs the rest.")
+    elif run_dir is not None:
+        where = (f"; finished categories are in {run_dir}/results.csv, and the same command "
+                 f"with hydra.run.dir={run_dir} resumes.")
+    else:
+        where = "."
     print(f"anomaly-bench: {what}{where}", file=sys.stderr)
     sys.exit(code)
 
@@ -112,15 +120,32 @@ def _prepare(folder: Path, names: list[str], key: str) -> None:
 
 
 def _task(cfg: DictConfig) -> None:
-    from anomaly_bench.runner import Runner
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _ignore_file_size_signal()  # also in a launcher's job process (joblib, submitit)
+    if hc.mode != RunMode.MULTIRUN:
+        _run(cfg, run_dir, list(hc.overrides.task), in_sweep=False)
+        return
+    try:  # a failing job is recorded and the sweep goes on (anomaly_bench/sweep.py)
+        sweep.run_job(run_dir, Path(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task),
+                      lambda: _run(cfg, run_dir, list(hc.overrides.task), in_sweep=True))
+    except KeyboardInterrupt as exc:
+        _stopped(exc, run_dir, Path(hc.sweep.dir))
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], in_sweep: bool) -> bool:
+    """Run one configuration into ``run_dir``; True when every category was reused.
+
+    In a single run an input or write error is one paragraph (exit 2); in a sweep it is
+    raised for the job's record."""
+    from anomaly_bench.runner import Runner
+
     try:
-        Runner(cfg, run_dir, list(hc.overrides.task), sweep=hc.mode == RunMode.MULTIRUN).run()
+        runner = Runner(cfg, run_dir, overrides, sweep=in_sweep)
+        rows = runner.run()
+        return bool(runner.reused) and not rows
     except (AnomalyBenchError, OSError) as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if in_sweep or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(exc, OSError):  # a write the run could not do, or the filesystem's own
             message = describe(exc) if isinstance(exc, WriteError) \
@@ -129,6 +154,8 @@ def _task(cfg: DictConfig) -> None:
         log.error("%s", exc)
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt as exc:
+        if in_sweep:
+            raise
         _stopped(exc, run_dir)
 
 
@@ -171,7 +198,9 @@ def main() -> None:
         hydra.main(version_base="1.3", config_path=str(config_dir()),
                    config_name="config")(_task)()
     except KeyboardInterrupt as exc:  # before or after the task (composing, summaries)
-        _stopped(exc, None)
+        _stopped(exc, None, sweep.CURRENT)
+    if sweep.FAILURE is not None:  # set at the end of a sweep whose jobs did not all finish
+        _fail(*sweep.FAILURE)
 
 
 if __name__ == "__main__":

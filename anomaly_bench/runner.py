@@ -142,6 +142,7 @@ class Runner:
         MEMO.configure(int(float(budget) * 2**30))  # validated: auto or GiB >= 0
         self.results_path = self.run_dir / "results.csv"
         self.transform: Any = None  # loader hook of the current category's alignment
+        self.reused: list[str] = []  # categories skipped: finished before (resume)
 
     # ------------------------------------------------------------------ orchestration
     def run(self) -> list[dict[str, Any]]:
@@ -171,6 +172,7 @@ class Runner:
                 self._check_resumable(split.category, root)
                 log.info("%s: already in %s with this configuration, skipped (resume=true)",
                          split.category, self.results_path)
+                self.reused.append(split.category)
                 continue
             todo.append(split)
         tested = todo if cfg.stage != "train" else []

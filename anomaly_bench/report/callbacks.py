@@ -56,6 +56,24 @@ class SweepSummary(Callback):
         self._roots: set[str] = set()  # cache folders the jobs of this process used
         self._shed = 0  # the memo's shed bytes when the current job started
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Record the launch (sweep.json) after checking the sweep directory holds no other
+        sweep's jobs."""
+        import os
+
+        from anomaly_bench import sweep
+        from anomaly_bench.errors import AnomalyBenchError
+
+        sweep.FAILURE = None
+        try:
+            sweep.start(config)
+        except AnomalyBenchError as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            from anomaly_bench.cli import _fail
+
+            _fail(str(exc), exc.exit_code)
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from anomaly_bench.backbones import cache as feature_cache
         from anomaly_bench.memo import MEMO
@@ -91,20 +109,34 @@ class SweepSummary(Callback):
                 log.info("%s", report)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from anomaly_bench import sweep
         from anomaly_bench.backbones import cache as feature_cache
         from anomaly_bench.errors import AnomalyBenchError
+        from anomaly_bench.fsutil import describe
         from anomaly_bench.report.summary import write_summary
 
         feature_cache.flush_writes()
         report = _cache_report(config, self._roots)
         sweep_dir = Path(config.hydra.sweep.dir)
+        state = sweep.outcome(sweep_dir)
         try:  # table settings come from the jobs' own `summary` config (presets included)
-            csv_path, md_path = write_summary(sweep_dir)
+            if state is not None:  # the last job may have written it already
+                files = sweep.summarise(sweep_dir)
+                csv_path, md_path = files or (sweep_dir / "summary.csv", sweep_dir / "summary.md")
+            else:
+                csv_path, md_path = write_summary(sweep_dir)
             print(md_path.read_text())
         except AnomalyBenchError as exc:
             log.warning("no sweep summary: %s", exc)
+        except OSError as exc:
+            log.warning("no sweep summary: %s", describe(exc))
         else:
             log.info("sweep summary: %s, %s", csv_path, md_path)
         if report:
             print(report)
             log.info("%s", report)
+        if state is not None:
+            line, failure, code = sweep.report(state)
+            log.info("%s", line)
+            if failure is not None:
+                sweep.FAILURE = (failure, code)

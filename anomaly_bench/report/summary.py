@@ -43,9 +43,31 @@ SHARED = ("backbone", "weights", "layers", "resolution", "alignment")
 TRAIN_SAMPLES = 6
 
 
-def _job_dirs(sweep_dir: Path) -> list[tuple[int, Path]]:
-    jobs = [(int(p.name), p) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(jobs)
+def _job_dirs(sweep_dir: Path) -> list[tuple[str, Path]]:
+    """(name, directory) of every job of a sweep, in sweep order (:func:`sweep.job_dirs`)."""
+    from anomaly_bench.sweep import job_dirs
+
+    return [(p.name, p) for p in job_dirs(sweep_dir)]
+
+
+def failed_jobs(sweep_dir: Path) -> list[dict[str, str]]:
+    """Jobs whose record says they failed: ``job``, ``overrides``, ``error`` and what the
+    job's config names (method, backbone, dataset, category, seed)."""
+    from anomaly_bench.sweep import JOB_RECORD, read_json
+
+    out = []
+    for name, d in _job_dirs(Path(sweep_dir)):
+        record = read_json(d / JOB_RECORD) or {}
+        if record.get("status") != "failed":
+            continue
+        cfg = _job_config(d)
+        named = {k: _text((cfg.get(k) or {}).get("name", "")) for k in ("method", "backbone",
+                                                                          "dataset")}
+        out.append({**named, "category": _text((cfg.get("dataset") or {}).get("category", "")),
+                    "seed": _text(cfg.get("seed", "")), "job": name,
+                    "overrides": " ".join(record.get("overrides") or []),
+                    "error": str((record.get("error") or {}).get("message", ""))})
+    return out
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -110,7 +132,7 @@ def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str], 
     a preset named on the command line (``experiment=...``) set differently, such as its
     backbone or input size.
     """
-    jobs = _job_dirs(sweep_dir)
+    jobs = _job_dirs(Path(sweep_dir))
     overrides = {num: _overrides(d) for num, d in jobs}
     swept = _differing(overrides)
     configs = {num: _flatten(_job_config(d)) for num, d in jobs}
@@ -120,7 +142,7 @@ def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str], 
         label = _job_summary(d).get("label")
         extra = {"label": str(label)} if label else {}
         for row in read_rows(d / "results.csv"):
-            rows.append({**row, "job": str(num), **{k: overrides[num].get(k, "") for k in swept},
+            rows.append({**row, "job": num, **{k: overrides[num].get(k, "") for k in swept},
                          **{k: configs[num].get(k, "") for k in described}, **extra})
     return rows, swept, described
 
@@ -178,11 +200,11 @@ def rank_settings(rows: list[dict[str, str]], swept: list[str], metric: str,
     """Rows grouped by setting, result columns averaged over categories; ``order='rank'``
     sorts by ``metric`` (best first, ties in job order), ``'sweep'`` keeps the job order."""
     groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
-    first_job: dict[tuple[str, ...], int] = {}
-    for r in rows:
+    first_job: dict[tuple[str, ...], int] = {}  # rows come in sweep order
+    for i, r in enumerate(rows):
         key = tuple(r[k] for k in swept)
         groups[key].append(r)
-        first_job.setdefault(key, int(r["job"]))
+        first_job.setdefault(key, i)
     settings = [Setting(key, {m: _column(members, m) for m in {*shown, metric}},
                         members[0].get("label", ""), members)
                 for key, members in groups.items()]
@@ -436,7 +458,8 @@ def _load(sweep_dir: Path, metric: str | None = None, columns: Sequence[str] | N
         raise AnomalyBenchError(f"summary.columns {unknown} are not results.csv columns "
                                 f"({', '.join(COLUMNS)}) or {', '.join(SCALED)}.")
     rows, swept, described = collect_job_rows(sweep_dir)
-    if not rows:
+    failed = failed_jobs(sweep_dir)
+    if not rows and not failed:
         raise AnomalyBenchError(
             f"no finished job under {sweep_dir}: expected <job>/results.csv files written by "
             "an anomaly-bench multirun."
@@ -445,6 +468,7 @@ def _load(sweep_dir: Path, metric: str | None = None, columns: Sequence[str] | N
     config = _job_config(jobs[0][1]) if jobs else {}
     marks = {str(k): str(v) for k, v in (job.get("default") or {}).items()}
     return {"dir": sweep_dir, "rows": rows, "swept": swept, "described": described,
+            "failed": failed,
             "metric": metric, "order": order, "columns": columns, "marks": marks,
             "config": config}
 
@@ -475,19 +499,40 @@ def write_summary(sweep_dir: Path, metric: str | None = None,
     if default_marks is None:
         default_marks = sweep["marks"]
     csv_path = sweep_dir / "summary.csv"
-    head = [*COLUMNS, "job", *swept, *sweep["described"]]
-    write_csv(csv_path, rows, [*head, *sorted({k for r in rows for k in r} - set(head))])
+    failed = sweep["failed"]
+    extra = [k for k in (*swept, *sweep["described"]) if k not in COLUMNS]  # seed is both
+    head = [*COLUMNS, "job", *extra, *(["error"] if failed else [])]
+    every = rows + failed
+    write_csv(csv_path, every, [*head, *sorted({k for r in every for k in r} - set(head))])
     md_path = sweep_dir / "summary.md"
-    text = render_markdown(rows, swept, sweep["metric"], default_marks, sweep["columns"],
-                           sweep["order"], sweep["described"], _runtime_note(sweep))
-    try:
-        figures = training_figures(sweep_dir, rows, train_samples)
-        figures += setting_figures(sweep_dir, rows, swept, sweep["metric"], default_marks)
-    except Exception as exc:  # a failing figure costs the figures, never the table
-        figures = ["", f"Figures not drawn ({type(exc).__name__}: {exc})."]
+    figures: list[str] = []
+    if rows:
+        text = render_markdown(rows, swept, sweep["metric"], default_marks, sweep["columns"],
+                               sweep["order"], sweep["described"], _runtime_note(sweep))
+        try:
+            figures = training_figures(sweep_dir, rows, train_samples)
+            figures += setting_figures(sweep_dir, rows, swept, sweep["metric"], default_marks)
+        except Exception as exc:  # a failing figure costs the figures, never the table
+            figures = ["", f"Figures not drawn ({type(exc).__name__}: {exc})."]
+    else:
+        text = f"# Sweep summary: no job finished ({len(failed)} failed)\n"
+    if failed:
+        text += failed_markdown(failed)
     with atomic_open(md_path, "w") as fh:
         fh.write(text + ("\n".join(figures) + "\n" if figures else ""))
     return csv_path, md_path
+
+
+def failed_markdown(failed: list[dict[str, str]]) -> str:
+    """The section of summary.md listing the failed jobs and their errors."""
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    out = ["", f"## Failed jobs ({len(failed)})", "",
+           "Each job's error is also in its job.json; re-running the sweep into its "
+           "directory runs them again.", "", "| job | overrides | error |", "|---|---|---|"]
+    out += [f"| {f['job']} | `{cell(f['overrides'])}` | {cell(f['error'])} |" for f in failed]
+    return "\n".join(out) + "\n"
 
 
 def _config_changes(a: Mapping[str, Any], b: Mapping[str, Any], skip: Sequence[str],
@@ -510,6 +555,9 @@ def compare_markdown(sweep_a: Path, sweep_b: Path, out_dir: Path, metric: str | 
     setting's metric in both and the difference; then links to both sweeps' figures
     (relative to ``out_dir``)."""
     a, b = _load(sweep_a, metric), _load(sweep_b, metric)
+    for s in (a, b):
+        if not s["rows"]:
+            raise AnomalyBenchError(f"no finished job under {s['dir']} to compare.")
     metric = a["metric"]
     if a["swept"] != b["swept"]:
         raise AnomalyBenchError(
