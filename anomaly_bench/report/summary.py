@@ -63,7 +63,8 @@ def failed_jobs(sweep_dir: Path) -> list[dict[str, str]]:
         cfg = _job_config(d)
         named = {k: _text((cfg.get(k) or {}).get("name", "")) for k in ("method", "backbone",
                                                                           "dataset")}
-        out.append({**named, "category": _text((cfg.get("dataset") or {}).get("category", "")),
+        category = _text((cfg.get("dataset") or {}).get("category", "")) or "?"  # unknown
+        out.append({**named, "category": category,
                     "seed": _text(cfg.get("seed", "")), "job": name,
                     "overrides": " ".join(record.get("overrides") or []),
                     "error": str((record.get("error") or {}).get("message", ""))})
