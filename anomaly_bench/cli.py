@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from anomaly_bench import sweep  # registers ${job_dir:} in every process a job runs in
-from anomaly_bench.configs import config_dir
+from anomaly_bench.configs import composer, config_dir
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
 
@@ -168,10 +168,8 @@ def _ignore_file_size_signal() -> None:
 
 def _compose(overrides: list[str]) -> DictConfig:
     """The configuration composed with ``overrides`` (Hydra's compose API, hydra node kept)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    with composer() as compose:
+        return compose(overrides)
 
 
 def _check_launcher_overrides(argv: list[str]) -> None:

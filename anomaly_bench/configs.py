@@ -10,17 +10,30 @@ own (last when not listed); entries that choose other groups add no key here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
     """The Hydra config root: ``conf/`` of a checkout or the installed ``anomaly_bench.conf``."""
     return Path(str(resources.files("anomaly_bench.conf")))
+
+
+@contextmanager
+def composer() -> Iterator[Callable[[Sequence[str]], DictConfig]]:
+    """A function composing the app's configuration (``hydra`` node included) from
+    overrides, as a run would (Hydra's compose API; no sweep values)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield lambda overrides: compose("config", overrides=list(overrides),
+                                        return_hydra_config=True)
 
 
 def _load(relative: str) -> dict[str, Any]:

@@ -154,6 +154,22 @@ def expand(overrides: Sequence[str]) -> SweepPlan:
     return SweepPlan(BasicSweeper.split_arguments(parsed, None)[0], fixed, swept)
 
 
+def job_overrides(overrides: Sequence[str],
+                  compose: Callable[[Sequence[str]], DictConfig]) -> list[list[str]]:
+    """Every job's overrides of ``anomaly-bench -m <overrides>``, with the sweeps an
+    ``experiment=`` preset declares (``hydra.sweeper.params``) expanded as Hydra does;
+    ``compose`` composes one job's configuration (:func:`anomaly_bench.configs.composer`)."""
+    out: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for job in expand(overrides).jobs:
+        params = compose(job).hydra.sweeper.get("params") or {}
+        for final in expand([*(f"{k}={v}" for k, v in params.items()), *job]).jobs:
+            if tuple(final) not in seen:
+                seen.add(tuple(final))
+                out.append(final)
+    return out
+
+
 def _conflicts(before: Mapping[str, Any], now: SweepPlan) -> list[str]:
     """What a launch sets differently from the one that wrote a sweep directory, where
     that would put other configurations' jobs beside the finished ones (values may be

@@ -57,11 +57,18 @@ def weights_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str |
     return random_tag(seed)
 
 
+def url_cache_path(url: str) -> Path:
+    """Where torch hub keeps the file published at ``url`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def fetch_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
     """The state dict published at ``url`` (torch hub's cache first, else a guarded download)."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    cached = url_cache_path(url)
     if cached.is_file():
         return read_state_dict(cached)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise WeightsError(offline_message(what, f"HF_HUB_OFFLINE=1 and {cached} does not exist"))
     with hub_access(what, None, url):
         try:
             obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True,
@@ -171,25 +178,33 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def hub_cached(hf_hub_id: str | None) -> bool:
-    """True when the Hugging Face cache already holds weights for ``hf_hub_id``."""
+def hub_file(hf_hub_id: str | None) -> Path | None:
+    """The weights file the Hugging Face cache holds for ``hf_hub_id``, or None."""
     if not hf_hub_id:
-        return False
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                     "open_clip_pytorch_model.bin"):
         hit = try_to_load_from_cache(hf_hub_id, filename)
         if isinstance(hit, str):
-            return True
-    return False
+            return Path(hit)
+    return None
+
+
+def hub_cached(hf_hub_id: str | None) -> bool:
+    """True when the Hugging Face cache already holds weights for ``hf_hub_id``."""
+    return hub_file(hf_hub_id) is not None
 
 
 def offline_message(what: str, detail: str) -> str:
     """The one-paragraph message shown when pretrained weights cannot be had."""
     return (
-        f"cannot fetch pretrained weights for {what}: {detail}. Either give a local file "
+        f"cannot fetch pretrained weights for {what}: {detail}. Either fetch them first on a "
+        "machine with network into the caches this one reads (anomaly-bench-prefetch with "
+        "the same overrides; HF_HOME and TORCH_HOME name the caches), give a local file "
         "with backbone.weights=PATH (a timm or torchvision state dict, e.g. "
         "wide_resnet50_2-95faca4d.pth), or run with backbone.pretrained=false for a seeded "
         "random initialisation (results are then tagged random(seed=N) and are not "
