@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cli_helpers import FAST, black_hole_network, make_mvtec, network_events, run_cli
 from http_helpers import serve
 
