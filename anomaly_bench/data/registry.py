@@ -53,7 +53,7 @@ class DatasetLayout(Protocol):
 
 
 LAYOUTS: dict[str, DatasetLayout] = {}
-_SKIP_MODULES = {"registry", "layout_utils", "loading"}
+_SKIP_MODULES = {"registry", "layout_utils", "loading", "catalog"}
 _discovered = False
 
 T = TypeVar("T")
