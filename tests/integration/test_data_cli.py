@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+
 import numpy as np
 import pytest
-from cli_helpers import make_mvtec, write_png
-from http_helpers import serve
 
 from anomaly_bench.data.catalog import MVTEC
 from anomaly_bench.data_cli import main
 from anomaly_bench.download import Remote, fetch
 from anomaly_bench.errors import DataError
+
+from cli_helpers import make_mvtec, write_png
+from http_helpers import serve
 
 
 def _sha(data: bytes) -> str:
@@ -79,7 +81,7 @@ def test_download_resumes_then_unpacks_and_checks(tmp_path, capsys):
     assert "01: 2 training, 1 normal and 1 anomalous test images" in out
     assert "no published per-category counts for BTAD" in out
     # a second download reuses the verified archive and the unpacked folder
-    assert main(args[:4] + ["--url", "http://127.0.0.1:9/none", "--sha256", _sha(archive)]) == 0
+    assert main([*args[:4], "--url", "http://127.0.0.1:9/none", "--sha256", _sha(archive)]) == 0
 
 
 def test_download_of_a_mirror_with_another_digest_is_refused(tmp_path, capsys):
