@@ -126,6 +126,12 @@ def _task(cfg: DictConfig) -> None:
     if hc.mode != RunMode.MULTIRUN:
         _run(cfg, run_dir, list(hc.overrides.task), in_sweep=False)
         return
+    from anomaly_bench import memo_budget
+
+    n_jobs = len((sweep.read_json(Path(hc.sweep.dir) / sweep.SWEEP_RECORD) or {}).get("jobs")
+                 or [None])
+    memo_budget.set_workers(memo_budget.workers_of(
+        OmegaConf.to_container(hc.launcher, resolve=True), n_jobs))  # type: ignore[arg-type]
     try:  # a failing job is recorded and the sweep goes on (anomaly_bench/sweep.py)
         sweep.run_job(run_dir, Path(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task),
                       lambda: _run(cfg, run_dir, list(hc.overrides.task), in_sweep=True))

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from anomaly_bench import checkpoint, footprint
+from anomaly_bench import checkpoint, footprint, memo_budget
 from anomaly_bench.backbones.weights import weights_tag
 from anomaly_bench.data import (
     Preprocess,
@@ -62,8 +62,6 @@ from anomaly_bench.schema import differences, validate
 from anomaly_bench.types import Batch, CategorySplit, SampleRecord
 
 log = logging.getLogger("anomaly_bench")
-#: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
-SWEEP_MEMO_GB = 4
 #: Per category: the resolved configuration its results.csv row stands for.
 JOB_CONFIG = "config.json"
 
@@ -137,9 +135,10 @@ class Runner:
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
         budget = cfg.get("memory_cache_gb", "auto")
-        if budget == "auto":
-            budget = SWEEP_MEMO_GB if sweep else 0
-        MEMO.configure(int(float(budget) * 2**30))  # validated: auto or GiB >= 0
+        # auto in a sweep: sized for each fit's work and the machine (_check_memory)
+        self._memo_auto = budget == "auto" and sweep
+        if not self._memo_auto:
+            MEMO.configure(int(float(0 if budget == "auto" else budget) * 2**30))
         self.results_path = self.run_dir / "results.csv"
         self.transform: Any = None  # loader hook of the current category's alignment
         self.reused: list[str] = []  # categories skipped: finished before (resume)
@@ -536,6 +535,16 @@ class Runner:
         fp = footprint.estimate(shapes, (h, w), int(cfg.batch_size),
                                 method.fit_bytes(n_fit, shapes) if n_fit else 0, n_test,
                                 any(s.has_masks for s in tested))
+        if self._memo_auto:  # the memo of a sweep job: its own work, its share of the host
+            images = {r.image_path for r in fit_records} | {r.image_path for s in tested
+                                                            for r in s.test + s.train}
+            memo = memo_budget.auto(len(images), (h, w), extractor.stored_blocks(),
+                                    extractor.cache is not None, fp.method, fp.total,
+                                    len(extractor.channels))
+            MEMO.configure(memo.bytes)
+            log.info("memory_cache_gb=auto: %.2f GiB (this job's work %.2f GiB, its share of "
+                     "the machine %s)", memo.bytes / 2**30, memo.work / 2**30,
+                     "unknown" if memo.share is None else f"{memo.share / 2**30:.2f} GiB")
         size, crop = (("null" if v is None else v) for v in (preprocess.size, preprocess.crop))
         footprint.check(fp, self.device, {
             "inputs": f"for one batch of batch_size={cfg.batch_size} images of {w}x{h} px "

@@ -80,6 +80,11 @@ class Backbone(nn.Module):
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """``{block name: output}`` of the selected blocks, or of every block run."""
 
+    def stored_blocks(self) -> dict[str, tuple[int, int]]:
+        """``{block name: (channels, stride)}`` of every output the feature cache stores per
+        image (what a run for the cache computes); by default the selected blocks."""
+        return {n: (self.channels[f], self.strides[f]) for f, n in self.block_names.items()}
+
     def train(self, mode: bool = True) -> Backbone:  # frozen: normalisation stays in eval
         return super().train(False)
 

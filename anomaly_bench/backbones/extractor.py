@@ -221,6 +221,12 @@ class FeatureExtractor(Backbone):
     def block_names(self) -> dict[str, str]:
         return {s: f"{s}.{i}" for s, i in self.selection.items()}
 
+    def stored_blocks(self) -> dict[str, tuple[int, int]]:
+        """Every block of the stages this extractor runs (a run for the cache keeps them all)."""
+        shapes = _BLOCK_SHAPES[self.name]
+        return {f"{s}.{i}": shapes[f"{s}.{i}"] for s, blocks in self.stages.items()
+                for i in range(len(blocks))}
+
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """Outputs ``{"layerS.i": tensor}`` of the selected blocks, or of every block run.
 

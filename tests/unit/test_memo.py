@@ -158,8 +158,8 @@ def test_values_on_an_accelerator_are_not_kept():
     assert memo.get("dev") is None and memo.get("host") is not None
 
 
-@pytest.mark.parametrize(("value", "sweep", "gib"), [("auto", True, 4), ("auto", False, 0),
-                                                      (1.5, False, 1.5), (0, True, 0)])
+@pytest.mark.parametrize(("value", "sweep", "gib"), [("auto", False, 0), (1.5, False, 1.5),
+                                                      (0, True, 0), (2, True, 2)])
 def test_runner_sets_the_budget_from_memory_cache_gb(tmp_path, value, sweep, gib):
     from fixtures import compose_config
 
@@ -167,6 +167,19 @@ def test_runner_sets_the_budget_from_memory_cache_gb(tmp_path, value, sweep, gib
 
     Runner(compose_config(["device=cpu", f"memory_cache_gb={value}"]), tmp_path, sweep=sweep)
     assert MEMO.budget == int(gib * 2**30)
+
+
+def test_auto_in_a_sweep_keeps_the_memo_until_the_job_is_sized(tmp_path):
+    """A sweep job with memory_cache_gb=auto leaves what earlier jobs memoised in place
+    when it starts; its fit sizes the budget (anomaly_bench/memo_budget.py)."""
+    from fixtures import compose_config
+
+    from anomaly_bench.runner import Runner
+
+    MEMO.configure(3 * 2**20)
+    MEMO.put("earlier job", torch.zeros(1000))
+    Runner(compose_config(["device=cpu", "memory_cache_gb=auto"]), tmp_path, sweep=True)
+    assert MEMO.budget == 3 * 2**20 and MEMO.get("earlier job") is not None
 
 
 def test_runner_rejects_a_bad_budget(tmp_path):
