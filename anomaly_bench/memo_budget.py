@@ -112,7 +112,8 @@ def work(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[in
     if cached:
         per_image += sum(c * max(1, h // s) * max(1, w // s) * FLOAT
                          for c, s in stored_blocks.values())
-        derived = derived * max(len(stored_blocks), selected) // max(selected, 1)
+        if selected:
+            derived = derived * max(len(stored_blocks), selected) // selected
     return n_images * per_image + derived
 
 
