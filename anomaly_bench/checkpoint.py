@@ -40,7 +40,7 @@ META_KEYS = ("method", "backbone", "weights", "layers", "resolution", "dataset",
 #: Recorded when known: the categories whose images the model learned from.
 OPTIONAL_META_KEYS = ("categories",)
 #: Backbone keys that change no value a method computes (where features are cached, ...).
-_NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights")
+_NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights", "precision")
 
 
 def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],

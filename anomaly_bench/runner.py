@@ -57,7 +57,14 @@ from anomaly_bench.report.results import (
     to_cell,
     write_rows,
 )
-from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
+from anomaly_bench.runtime import (
+    PeakMemory,
+    Stopwatch,
+    loader_workers,
+    release,
+    resolve_device,
+    seed_everything,
+)
 from anomaly_bench.schema import differences, validate
 from anomaly_bench.types import Batch, CategorySplit, SampleRecord
 
@@ -134,6 +141,7 @@ class Runner:
         self.run_dir = Path(run_dir)
         self.overrides = " ".join(overrides)
         self.device = resolve_device(cfg.device)
+        self.num_workers = loader_workers(cfg.get("num_workers", 0), self.device)
         budget = cfg.get("memory_cache_gb", "auto")
         # auto in a sweep: sized for each fit's work and the machine (_check_memory)
         self._memo_auto = budget == "auto" and sweep
@@ -185,6 +193,9 @@ class Runner:
                                       len(categories), whole=False)
                 if tested:
                     rows.append(self._test(fitted, split, root))
+                del fitted
+                release(self.device)  # the next category (or job) starts with the GPU free
+        release(self.device)
         if rows:
             if len(rows) > 1:
                 means = {k: _mean([r[k] for r in rows]) for k in METRIC_NAMES}
@@ -320,6 +331,8 @@ class Runner:
         model = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
         for key in ("cache", "shared", "truncate"):
             model["backbone"].pop(key, None)
+        if model["backbone"].get("precision") == "fp32":  # the default, as rows before it
+            model["backbone"].pop("precision")
         dataset = {k: v for k, v in _plain(cfg, "dataset").items()
                    if k not in ("category", "root", "dirnames")}
         ckpt = None
@@ -605,8 +618,9 @@ class Runner:
     def _batches(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
                  desc: str) -> Iterator[Batch]:
         loader = make_loader(records, preprocess, int(self.cfg.batch_size),
-                             int(self.cfg.num_workers), with_masks=with_masks,
-                             transform_pil=self.transform)
+                             self.num_workers, with_masks=with_masks,
+                             transform_pil=self.transform,
+                             pin_memory=self.device.type == "cuda")
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield batch.to(self.device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,13 @@ class Batch:
     masks: torch.Tensor | None = None
     rotations: torch.Tensor | None = None
     categories: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (what a DataLoader with ``pin_memory``
+        calls), so that :meth:`to` a CUDA device copies asynchronously."""
+        return dataclasses.replace(
+            self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+            masks=None if self.masks is None else self.masks.pin_memory())
 
     def to(self, device: torch.device | str) -> Batch:
         """Move the tensors to ``device`` (non-blocking where possible)."""

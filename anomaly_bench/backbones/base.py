@@ -80,6 +80,29 @@ class Backbone(nn.Module):
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """``{block name: output}`` of the selected blocks, or of every block run."""
 
+    #: dtype of the forward pass under autocast (None: float32 throughout)
+    autocast_dtype: torch.dtype | None = None
+
+    def set_precision(self, precision: str) -> None:
+        """Run the forward pass in ``bf16`` or ``fp16`` autocast (``fp32``: no autocast).
+
+        Only the backbone: its block outputs are cast back to float32, so a method's maths
+        (Gaussians, distances) stay in float32. The precision is part of ``backbone_id``,
+        which keys the feature cache: outputs of another precision are never mixed in.
+        """
+        dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        self.autocast_dtype = dtypes[precision]
+        if self.autocast_dtype is not None:
+            self.backbone_id += f"|{precision}"
+
+    def _blocks(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
+        """:meth:`_run` under the configured autocast, outputs in float32."""
+        if self.autocast_dtype is None:
+            return self._run(images, every_block)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+            out = self._run(images, every_block)
+        return {k: v.float() for k, v in out.items()}
+
     def stored_blocks(self) -> dict[str, tuple[int, int]]:
         """``{block name: (channels, stride)}`` of every output the feature cache stores per
         image (what a run for the cache computes); by default the selected blocks."""
@@ -95,7 +118,7 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> Features:
         selected = self.block_names
         if self.cache is None:
-            blocks = self._run(images, every_block=False)
+            blocks = self._blocks(images, every_block=False)
             return Features({f: blocks[b] for f, b in selected.items()})
         keys = [image_key(img) for img in images]
         names = list(selected.values())
@@ -107,7 +130,7 @@ class Backbone(nn.Module):
             shapes[n] = (self.channels[f], h // st if exact else None, w // st if exact else None)
         hit = self.cache.load(keys, names, shapes)
         if hit is None:
-            blocks = self._run(images, every_block=True)
+            blocks = self._blocks(images, every_block=True)
             self.cache.store(keys, blocks)
             hit = {n: blocks[n] for n in names}
         origin = (str(self.cache.dir), tuple(keys))

@@ -398,8 +398,11 @@ def make_loader(
     num_workers: int = 0,
     with_masks: bool = True,
     transform_pil: TransformPil | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """An ordered (unshuffled) loader of :class:`Batch` over ``records``."""
+    """An ordered (unshuffled) loader of :class:`Batch` over ``records``. ``pin_memory``
+    (for a CUDA device): batches in page-locked memory, copied to the device
+    asynchronously (``Batch.to`` uses ``non_blocking``)."""
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1.")
     if int(num_workers) < 0:
@@ -407,7 +410,7 @@ def make_loader(
     dataset = RecordDataset(records, preprocess, with_masks, transform_pil)
     return _Loader(
         dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
-        collate_fn=collate, drop_last=False,
+        collate_fn=collate, drop_last=False, pin_memory=bool(pin_memory),
     )
 
 

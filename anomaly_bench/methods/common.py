@@ -60,6 +60,7 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
                                      truncate=bool(backbone_cfg.get("truncate", True)), **common)
     else:
         raise ConfigError(f"backbone.kind={kind!r} is not one of cnn, vit, clip.")
+    extractor.set_precision(str(backbone_cfg.get("precision", "fp32")))
     cache = backbone_cfg.get("cache") or {}
     if cache.get("enabled"):
         extractor.attach_cache(FeatureCache(cache["dir"], extractor.backbone_id,
