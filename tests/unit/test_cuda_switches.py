@@ -37,7 +37,7 @@ def test_bf16_autocast_runs_the_backbone_and_hands_float32_features_on():
 def test_precision_is_checked():
     from anomaly_bench.methods import method_schema
 
-    with pytest.raises(ConfigError, match="backbone.precision"):
+    with pytest.raises(ConfigError, match=r"backbone\.precision"):
         validate({"backbone": {**BACKBONE, "precision": "fp64"}}, method_schema("padim"))
 
 
