@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from anomaly_bench import sweep  # registers ${job_dir:} in every process a job runs in
+from anomaly_bench.allocator import reuse_freed_memory
 from anomaly_bench.configs import composer, config_dir
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
@@ -123,6 +124,7 @@ def _task(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     _ignore_file_size_signal()  # also in a launcher's job process (joblib, submitit)
+    reuse_freed_memory()
     if hc.mode != RunMode.MULTIRUN:
         _run(cfg, run_dir, list(hc.overrides.task), in_sweep=False)
         return
@@ -192,6 +194,7 @@ def _check_launcher_overrides(argv: list[str]) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    reuse_freed_memory()
     signal.signal(signal.SIGTERM, _on_sigterm)
     _ignore_file_size_signal()
     # a log line that cannot be written (the disk the error is about) stays silent rather

@@ -105,10 +105,11 @@ def work(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[in
     each preprocessed image (3 x H x W float32), the block outputs the feature cache stores
     per image when it is on (``stored_blocks``: name -> (channels, stride)), and what the
     method derives from them: ``method_bytes`` (what it holds while fitting on its
-    ``selected`` blocks), per block, for every stored block the sweep's other jobs select."""
+    ``selected`` blocks, in float32) kept in float64 as the statistics are, per block, for
+    every stored block the sweep's other jobs select."""
     h, w = size
     per_image = 3 * h * w * FLOAT
-    derived = int(method_bytes)
+    derived = 2 * int(method_bytes)
     if cached:
         per_image += sum(c * max(1, h // s) * max(1, w // s) * FLOAT
                          for c, s in stored_blocks.values())

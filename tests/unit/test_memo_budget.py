@@ -16,10 +16,10 @@ def test_work_counts_images_their_cached_blocks_and_the_method():
     blocks = (256 * 16 * 16 + 512 * 8 * 8) * 4
     assert memo_budget.work(10, (64, 64), BLOCKS, cached=False, method_bytes=0) == 10 * per_image
     assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, method_bytes=7) == \
-        10 * (per_image + blocks) + 7
+        10 * (per_image + blocks) + 14
     # statistics a method derives per block: every stored block, as other jobs select them
     assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, method_bytes=100,
-                            selected=1) == 10 * (per_image + blocks) + 200
+                            selected=1) == 10 * (per_image + blocks) + 400
 
 
 @pytest.mark.parametrize(("available", "cgroup", "workers", "expected"), [
