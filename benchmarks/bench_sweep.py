@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,17 +49,21 @@ SOURCES = re.compile(r"feature cache: (\d+) images from memory, (\d+) from disk,
                      r"(\d+) through the backbone")
 
 
-def run(args: list[str], cwd: Path, code: str) -> float:
+def run(args: list[str], cwd: Path, code: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process: user + system) of one command."""
     env = dict(os.environ)
     if code != ".":
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(code).resolve()),
                                                         env.get("PYTHONPATH")) if p)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "anomaly_bench.cli", *args], cwd=cwd,
                           capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"failed ({code}): {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def cache_size(root: Path) -> float:
@@ -94,7 +99,7 @@ def main() -> None:
                     help="overrides for every run (default: random weights, offline)")
     args = ap.parse_args()
     data_root = Path(args.data_root).resolve()
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, str], list[tuple[tuple[float, float], tuple[float, float]]]] = {}
     info: dict[tuple[str, str], tuple[int, list[str], float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -119,17 +124,23 @@ def main() -> None:
                                             cache_size(cache))
     print(f"category {args.category}, memory_cache_gb={args.memory_cache_gb}, "
           f"{args.rounds} round(s), medians\n")
-    print("| preset | code | single run s | sweep s | jobs | sweep / single | median job s "
-          "(fit+test) | jobs that ran the backbone | cache GiB |")
+    print("wall: elapsed seconds; CPU: user + system seconds of the command's processes "
+          "(what load from other processes on the machine disturbs least)\n")
+    print("| preset | code | single run s (wall / CPU) | sweep s (wall / CPU) | jobs | "
+          "sweep / single (wall / CPU) | median job s (fit+test) | jobs that ran the backbone "
+          "| cache GiB |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for (preset, code), pairs in times.items():
-        single = statistics.median(p[0] for p in pairs)
-        sweep = statistics.median(p[1] for p in pairs)
-        ratio = statistics.median(p[1] / p[0] for p in pairs)
+        cells = []
+        for i in (0, 1):  # wall, CPU
+            single = statistics.median(p[0][i] for p in pairs)
+            sweep = statistics.median(p[1][i] for p in pairs)
+            ratio = statistics.median(p[1][i] / p[0][i] for p in pairs)
+            cells.append((single, sweep, ratio))
         n_jobs, backbone, median, size = info[(preset, code)]
-        ran = f"{len(backbone)}"
-        print(f"| {preset} | {code} | {single:.1f} | {sweep:.1f} | {n_jobs} | {ratio:.2f} | "
-              f"{median:.2f} | {ran} | {size:.2f} |")
+        (sw, sc), (ww, wc), (rw, rc) = zip(*cells, strict=True)
+        print(f"| {preset} | {code} | {sw:.1f} / {sc:.1f} | {ww:.1f} / {wc:.1f} | {n_jobs} | "
+              f"{rw:.2f} / {rc:.2f} | {median:.2f} | {len(backbone)} | {size:.2f} |")
 
 
 if __name__ == "__main__":
