@@ -39,8 +39,10 @@ log = logging.getLogger("anomaly_bench")
 
 JOB_RECORD = "job.json"
 SWEEP_RECORD = "sweep.json"
-#: Top-level keys that never tell two jobs apart: resuming, and the sweep's table layout.
+#: Keys that never tell two jobs apart: resuming, and the sweep's table layout (a job's
+#: ``summary.label`` does: presets that compute alike are still distinct rows).
 NOT_JOB_KEYS = ("resume", "summary")
+SUMMARY_JOB_KEYS = ("label",)
 #: Job states after which a job no longer runs.
 ENDED = ("finished", "reused", "failed")
 #: (paragraph, exit code) when the jobs of the sweep that just ended did not all finish.
@@ -56,6 +58,9 @@ def job_dir_name(task: Mapping[str, Any]) -> str:
     """``job-<12 hex>``: the SHA-256 of a job's resolved configuration (``hydra`` and
     :data:`NOT_JOB_KEYS` left out), so equal configurations share one directory."""
     kept = {k: v for k, v in task.items() if k != "hydra" and k not in NOT_JOB_KEYS}
+    summary = task.get("summary")
+    if isinstance(summary, Mapping) and any(summary.get(k) for k in SUMMARY_JOB_KEYS):
+        kept["summary"] = {k: summary.get(k) for k in SUMMARY_JOB_KEYS}
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return "job-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -64,7 +69,7 @@ def _job_dir_resolver(*, _root_: DictConfig) -> str:
     try:
         task = {str(k): OmegaConf.to_container(_root_[k], resolve=True) if
                 OmegaConf.is_config(_root_[k]) else _root_[k]
-                for k in _root_ if k != "hydra" and k not in NOT_JOB_KEYS}
+                for k in _root_ if k != "hydra" and k != "resume"}
     except Exception as exc:  # the run reports the key that does not resolve
         raise ConfigError(f"the configuration cannot be resolved: {exc}") from None
     return job_dir_name(task)
@@ -260,6 +265,13 @@ def run_job(job_dir: Path, sweep_dir: Path, num: int, overrides: Sequence[str],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID")),
         "runs": int((before or {}).get("runs", 0)) + 1}
+    same = (before or {}).get("sweep") == sweep_id and sweep_id is not None \
+        and before.get("num") != num  # type: ignore[union-attr]
+    if same:  # two jobs of this sweep with one configuration (e.g. a repeated value)
+        record["num"] = before["num"]  # type: ignore[index]
+        record["also"] = sorted({*before.get("also", []), num})  # type: ignore[union-attr]
+        log.info("job %d has the configuration of job %s of this sweep (%s): its results "
+                 "stand for both", num, before["num"], job_dir.name)  # type: ignore[index]
     said = _previous(before)
     if said:
         log.info("job %d (%s): %s", num, job_dir.name, said)
@@ -315,7 +327,8 @@ def outcome(sweep_dir: Path) -> Outcome | None:
     for path in job_dirs(Path(sweep_dir)):
         record = read_json(path / JOB_RECORD)
         if record and record.get("sweep") == sweep["id"] and isinstance(record.get("num"), int):
-            records[record["num"]] = (path, record)
+            for n in [record["num"], *record.get("also", [])]:
+                records[n] = (path, record)
     return Outcome(sweep["jobs"], records)
 
 

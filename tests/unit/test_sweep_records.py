@@ -24,15 +24,18 @@ def _row(category: str, auroc: float, seed: int) -> dict:
 
 def test_job_dir_is_named_by_the_resolved_config():
     cfg = OmegaConf.create({"seed": 1, "root": "/d", "data": "${root}/x", "resume": True,
-                            "summary": {"label": "a"}, "hydra": {"sweep": {
-                                "subdir": "${job_dir:}"}}})
+                            "summary": {"label": "a", "metric": "aupro"},
+                            "hydra": {"sweep": {"subdir": "${job_dir:}"}}})
     name = cfg.hydra.sweep.subdir
-    assert name == sweep.job_dir_name({"seed": 1, "root": "/d", "data": "/d/x"})
+    assert name == sweep.job_dir_name({"seed": 1, "root": "/d", "data": "/d/x",
+                                       "summary": {"label": "a"}})
     assert name.startswith("job-") and len(name) == 16
-    # resuming and the table layout never make another job; every other key does
-    same = OmegaConf.merge(cfg, {"resume": False, "summary": {"label": "b"}})
+    # resuming and the table's layout never make another job; every other key does, and
+    # so does a job's label (presets computing alike are distinct rows of the table)
+    same = OmegaConf.merge(cfg, {"resume": False, "summary": {"metric": "pixel_auroc"}})
     assert same.hydra.sweep.subdir == name
     assert OmegaConf.merge(cfg, {"root": "/e"}).hydra.sweep.subdir != name
+    assert OmegaConf.merge(cfg, {"summary": {"label": "b"}}).hydra.sweep.subdir != name
 
 
 def test_expand_gives_every_job_and_the_fixed_and_swept_keys():
@@ -139,3 +142,14 @@ def test_an_interrupted_job_is_recorded_and_the_interrupt_passed_on(tmp_path):
         _job(sweep_dir, 0, stop)
     record = json.loads((sweep_dir / "job-000000000000" / sweep.JOB_RECORD).read_text())
     assert record["status"] == "interrupted"
+
+
+def test_two_jobs_of_one_configuration_share_a_record(tmp_path):
+    """A repeated sweep value makes two jobs with one directory: the record stands for
+    both, and the launch counts both as ended."""
+    sweep_dir = _launch(tmp_path, 2)
+    job_dir = sweep_dir / "job-same"
+    sweep.run_job(job_dir, sweep_dir, 0, ["seed=0"], lambda: False)
+    sweep.run_job(job_dir, sweep_dir, 1, ["seed=0"], lambda: True)
+    state = sweep.outcome(sweep_dir)
+    assert state.done and state.status(0) == state.status(1) == "reused"
