@@ -30,9 +30,13 @@ import yaml
 
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import atomic_open, describe
+from anomaly_bench.metrics import METRIC_NAMES
 from anomaly_bench.report.results import COLUMNS, read_rows, write_csv
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+#: Metrics a table can rank by and show (summary.csv carries them all).
+METRICS = METRIC_NAMES
+#: Columns of summary.md when ``summary.columns`` names none: the four headline metrics.
+DEFAULT_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 #: Table columns shown in another unit than results.csv keeps: name -> (column, factor).
 SCALED = {"s_per_image": ("ms_per_image", 1e-3)}
 #: Cost columns (a comparison shows them beside the metric).
@@ -231,7 +235,7 @@ def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
     order. The best value of each metric is bold; the default setting is marked. ``notes``
     follow the heading.
     """
-    shown = list(columns or METRICS)
+    shown = list(columns or DEFAULT_COLUMNS)
     settings = rank_settings(rows, swept, metric, shown, order)
     labelled = any(r.get("label") for r in rows)
     best = {m: max((st.means[m] for st in settings if isinstance(st.means[m], float)),
@@ -451,7 +455,7 @@ def _load(sweep_dir: Path, metric: str | None = None, columns: Sequence[str] | N
 
 def _runtime_note(sweep: Mapping[str, Any]) -> list[str]:
     """Why later jobs of a cached sweep look faster, when the table shows costs."""
-    shown = sweep["columns"] or METRICS
+    shown = sweep["columns"] or DEFAULT_COLUMNS
     cached = ((sweep["config"].get("backbone") or {}).get("cache") or {}).get("enabled")
     if not cached or not any(c in RUNTIME for c in shown):
         return []
