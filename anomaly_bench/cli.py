@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from anomaly_bench.configs import config_dir
+from anomaly_bench.configs import config_dir, friendly_overrides
 from anomaly_bench.errors import AnomalyBenchError
 
 log = logging.getLogger("anomaly_bench")
@@ -45,6 +45,7 @@ def _task(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    sys.argv[1:] = friendly_overrides(sys.argv[1:])
     hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(_task)()
 
 

@@ -195,10 +195,10 @@ def compose_config(overrides: Sequence[str] = ()):
     """The run config ``anomaly-bench`` would compose from ``overrides`` (a DictConfig)."""
     from hydra import compose, initialize_config_dir
 
-    from anomaly_bench.configs import config_dir
+    from anomaly_bench.configs import config_dir, friendly_overrides
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=friendly_overrides(list(overrides)))
 
 
 #: A small CLIP architecture (ViT image tower of 3 blocks, width 48, 64 px; 2 text blocks).
