@@ -8,8 +8,8 @@ refuses a checkpoint whose description differs from the requested run, naming bo
 The file holds only what fitting produced (a Gaussian per position, a memory bank,
 trained adapters, a trained backbone such as MMR's encoder), never a frozen backbone:
 ``stage=test`` builds the backbone from the run's config and weights (the same weights,
-checked by their tag) and reproduces the scores exactly. A PaDiM or PatchCore model of ResNet-18 is then megabytes, not the
-network's 45 MB on top.
+checked by their tag) and reproduces the scores exactly. A PaDiM or PatchCore model of
+ResNet-18 is then megabytes, not the network's 45 MB on top.
 """
 
 from __future__ import annotations
