@@ -4,12 +4,13 @@ A trained method (MMR's masked reconstruction, APRIL-GAN's adapters) implements
 ``training_step(batch) -> loss`` and ``trainable_parameters()``; its ``fit`` hands the
 training source to :func:`train`, which owns everything around the step: the optimiser
 and learning-rate schedule named by the method's ``train`` config group, optional mixed
-precision, a progress bar with the running loss, and a training state written every
-``checkpoint_every`` epochs (and at the end) holding the trained tensors, optimiser,
-scheduler, epoch and random-generator states. With ``resume`` an interrupted training
-continues from that state to the same final weights as an uninterrupted one: each epoch's
-order and augmentation are drawn from generators seeded by (seed, epoch), and the global
-generators are restored as they were at the end of the saved epoch.
+precision, a progress bar with each epoch's loss, learning rate and images per second,
+and a training state written every ``checkpoint_every`` epochs (and at the end) holding
+the trained tensors, optimiser, scheduler, epoch and random-generator states. With
+``resume`` an interrupted training continues from that state to the same final weights as
+an uninterrupted one: each epoch's order and augmentation are drawn from generators
+seeded by (seed, epoch), and the global generators are restored as they were at the end
+of the saved epoch.
 
 The state file is data, never code (see :mod:`anomaly_bench.datafile`): tensors,
 numbers, strings and containers, loaded with ``weights_only=True`` and checked against
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,8 +229,10 @@ def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
                initial=start, total=settings.epochs)
     for epoch in bar:
         total = torch.zeros((), device=device)
-        count = 0
+        count = images = 0
+        started = time.perf_counter()
         for batch in source.epoch(epoch):
+            images += len(batch.paths)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = method.training_step(batch)  # type: ignore[attr-defined]
@@ -239,7 +243,9 @@ def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
             count += 1
         schedule.step()
         losses.append(float(total) / max(count, 1))  # one sync per epoch
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        rate = images / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{optimizer.param_groups[-1]['lr']:.3g}",
+                        img_s=f"{rate:.3g}")
         last = epoch == settings.epochs - 1
         every = settings.checkpoint_every
         if state_path is not None and (last or (every and (epoch + 1) % every == 0)):
