@@ -158,6 +158,7 @@ class MMR(AnomalyMethod):
         self.register_buffer("teacher_scale", (e_std / t_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("teacher_shift", ((e_mean - t_mean) / t_std).view(1, 3, 1, 1),
                              persistent=False)
+        self._renormalise = not (torch.equal(e_mean, t_mean) and torch.equal(e_std, t_std))
 
     # ------------------------------------------------------------------ pieces
     def trainable_parameters(self):
@@ -166,9 +167,7 @@ class MMR(AnomalyMethod):
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen teacher's selected maps (no graph)."""
         with torch.no_grad():
-            x = images
-            if not (torch.all(self.teacher_scale == 1) and torch.all(self.teacher_shift == 0)):
-                x = images * self.teacher_scale + self.teacher_shift
+            x = images * self.teacher_scale + self.teacher_shift if self._renormalise else images
             feats = self.teacher(x)
         return [feats[n] for n in self.feature_names]
 

@@ -163,3 +163,16 @@ def test_interrupted_training_resumes_to_the_same_final_weights(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
     fresh = _build()[0].fitted_state()
     assert not torch.equal(fresh["mask_token"], straight["mask_token"])  # it did train
+
+
+def test_teacher_sees_its_own_normalisation():
+    method, _ = _build(["backbone.mean=[0.5,0.5,0.5]", "backbone.std=[0.5,0.5,0.5]"])
+    assert method.normalisation == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    raw = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    got = method.teacher_features((raw - 0.5) / 0.5)
+    with torch.no_grad():
+        want = method.teacher((raw - mean) / std)
+    for g, name in zip(got, ("layer1", "layer2", "layer3"), strict=True):
+        torch.testing.assert_close(g, want[name], atol=1e-5, rtol=1e-4)
