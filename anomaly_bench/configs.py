@@ -89,11 +89,11 @@ def friendly_overrides(args: list[str]) -> list[str]:
     return out
 
 
-@cache
-def _option(group: str, name: str) -> tuple[tuple[str, Any], ...]:
-    return tuple(_load(f"{group}/{name}").items())
-
-
 def option_values(group: str, name: str) -> dict[str, Any]:
-    """The keys of ``conf/<group>/<name>.yaml`` (its shared keys included), unresolved."""
-    return dict(_option(group, name))
+    """The keys of ``conf/<group>/<name>.yaml`` (its shared keys included), resolved as
+    in a composed run: relative interpolations within the option (``${..epochs}``) and
+    the top-level ``data_root`` of ``config.yaml`` (a backbone's cache folder)."""
+    values = _load(f"{group}/{name}")
+    top = OmegaConf.load(config_dir() / "config.yaml")
+    root = OmegaConf.create({"data_root": top.get("data_root"), group: values})
+    return OmegaConf.to_container(root, resolve=True)[group]  # type: ignore[index]

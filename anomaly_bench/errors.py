@@ -28,3 +28,8 @@ class WeightsError(AnomalyBenchError):
 
 class CheckpointError(AnomalyBenchError):
     """A model checkpoint is missing or does not match the config."""
+
+
+class OutputError(AnomalyBenchError):
+    """What the run computed cannot be written (disk full, file-size limit, read-only,
+    a file where a folder goes, a symbolic link); the message carries what was computed."""

@@ -73,6 +73,11 @@ def host_available() -> int | None:
     return _meminfo().get("MemAvailable")
 
 
+def host_total() -> int | None:
+    """Bytes of memory the host has in all (None when unknown)."""
+    return _meminfo().get("MemTotal")
+
+
 def host_reserve() -> int:
     """Bytes of host memory the memo leaves available (0 when the total is unknown)."""
     total = _meminfo().get("MemTotal")

@@ -13,9 +13,26 @@ from pathlib import Path
 
 from anomaly_bench.errors import ConfigError
 
+#: The longest file name (bytes) when the filesystem cannot be asked (POSIX's NAME_MAX).
+NAME_MAX = 255
 
-def check_name(name: str, key: str) -> str:
-    """``name`` when it is a plain file name (no separator, not ``.``/``..``); else ConfigError.
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) the filesystem of ``folder`` (or of its nearest
+    existing parent) takes."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return int(os.pathconf(path, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def check_name(name: str, key: str, folder: str | os.PathLike | None = None) -> str:
+    """``name`` when it is a plain file name (no separator, not ``.``/``..``) that the
+    filesystem of ``folder`` (the run directory; default: any POSIX one) can take; else
+    ConfigError.
 
     ``key`` names where the value came from (``dataset.category``, a folder of a dataset).
     """
@@ -27,6 +44,15 @@ def check_name(name: str, key: str) -> str:
             f"{key}={text!r} cannot name a folder of the run directory: a category or subset "
             "name must be a plain name without '/', '\\', '..' or an absolute path."
         )
+    size = len(text.encode("utf-8", "surrogateescape"))
+    limit = name_max(folder) if folder is not None else NAME_MAX
+    if size > limit:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ConfigError(
+            f"{key}={shown!r} is {size} bytes long, but a folder name of the run directory "
+            f"can have at most {limit} bytes on its filesystem: use a shorter category or "
+            "subset name (rename its folder, or pass a shorter dataset.category)."
+        )
     return text
 
 
@@ -37,7 +63,7 @@ def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     resolved = (target if target.is_absolute() else root_r / target).resolve()
     if resolved != root_r and root_r not in resolved.parents:
         raise ConfigError(
-            f"refusing to write {path}: it resolves to {resolved}, outside the run directory "
-            f"{root_r}."
+            f"refusing to write {path}: it resolves (following symbolic links) to {resolved}, "
+            f"outside the run directory {root_r}."
         )
     return Path(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from anomaly_bench import checkpoint
+from anomaly_bench import checkpoint, footprint
 from anomaly_bench.data import (
     Preprocess,
     denormalize,
@@ -34,8 +35,8 @@ from anomaly_bench.data import (
 )
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.data.views import DrawnViews, TrainView
-from anomaly_bench.errors import ConfigError, DataError
-from anomaly_bench.fsutil import atomic_open
+from anomaly_bench.errors import AnomalyBenchError, ConfigError, OutputError
+from anomaly_bench.fsutil import atomic_open, describe
 from anomaly_bench.memo import MEMO, file_stamp
 from anomaly_bench.methods import (
     AnomalyMethod,
@@ -50,7 +51,14 @@ from anomaly_bench.methods import (
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
 from anomaly_bench.paths import check_name, inside
 from anomaly_bench.report import plots
-from anomaly_bench.report.results import completed_categories, format_value, write_row
+from anomaly_bench.report.results import (
+    completed_categories,
+    format_value,
+    record_digest,
+    rows_by_category,
+    to_cell,
+    write_rows,
+)
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
 from anomaly_bench.schema import differences, validate
 from anomaly_bench.types import Batch, CategorySplit, SampleRecord
@@ -152,8 +160,8 @@ class Runner:
         self.layout = layout
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
-        for category in categories:
-            check_name(category, "dataset.category")
+        for category in categories:  # folder names the run directory's filesystem takes
+            check_name(category, "dataset.category", self.run_dir)
         splits = [layout.split(root, c) for c in categories]
         learning = learning_of(_plain(cfg, "method"))
         whole = cfg.fit_scope == "dataset" or learning == "auxiliary"
@@ -261,6 +269,7 @@ class Runner:
                        if learning != "zero_shot"]
         method = method.to(self.device)
         preprocess = self._preprocess(method, model_cfg)
+        self._check_memory(method, records, tested, preprocess)
         refs = [r for s in tested for r in s.train] if cfg.method.get("k_shot") else []
         self._check_sizes(method, records + [r for s in tested for r in s.test] + refs,
                           preprocess, name)
@@ -335,13 +344,35 @@ class Runner:
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:
-        """Allow skipping a finished category only when its row has this configuration."""
+        """Allow skipping a finished category only when its row has this configuration.
+
+        The row's ``record_sha256`` must be the digest of the category's config.json and
+        scores.csv as they are now (rows written before that column: config.json alone),
+        so files left by a run that failed before writing its row never vouch for an
+        older row.
+        """
         path = self.run_dir / category / JOB_CONFIG
         wanted = self.job_config(root, category)
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             stored = None
+        digest = rows_by_category(self.results_path)[category].get("record_sha256")
+        if digest:
+            try:
+                scores = (self.run_dir / category / "scores.csv").read_bytes()
+            except OSError:
+                scores = None
+            if scores is None or not isinstance(stored, dict) \
+                    or record_digest(stored, scores) != digest:
+                raise ConfigError(
+                    f"{self.results_path} holds a row for category {category} that its files "
+                    f"{path} and scores.csv do not match (a later run stopped before writing "
+                    "its row, or the files were changed), so what the row stands for is "
+                    "unknown. resume=true only skips rows whose files match: pass "
+                    "resume=false to recompute that category and replace its row, or run "
+                    "into a new directory."
+                )
         if isinstance(stored, dict) and isinstance(stored.get("method"), dict) \
                 and stored["method"].get("name") == wanted["method"]["name"]:
             # a method key added since the row was written: its default is what ran
@@ -424,22 +455,26 @@ class Runner:
     def _save_results(self, cat_dir: Path, outputs: Outputs, rows: list[dict[str, Any]],
                       root: Path) -> None:
         """scores.csv, the rows' configuration, then the results.csv rows (the category's
-        first); nothing computed is lost silently: when the run directory cannot take them,
-        the error carries the category's row itself."""
+        first, in one write) carrying the digest of both files (``record_sha256``), so a
+        row is only ever read with the files it was computed with. Nothing computed is
+        lost silently: when the run directory cannot take them, the error carries the
+        category's row itself."""
         row = rows[0]
         try:
-            self._write_scores(cat_dir, outputs)
+            scores = self._write_scores(cat_dir, outputs)
+            config = self.job_config(root, row["category"])
             with atomic_open(inside(self.run_dir, cat_dir / JOB_CONFIG), "w") as fh:
-                json.dump(self.job_config(root, row["category"]), fh, indent=1, sort_keys=True)
-            for r in rows:
-                write_row(inside(self.run_dir, self.results_path), r)
-        except OSError as exc:
+                json.dump(config, fh, indent=1, sort_keys=True)
+            digest = record_digest(config, scores)
+            write_rows(inside(self.run_dir, self.results_path),
+                       [{**r, "record_sha256": digest} for r in rows])
+        except (OSError, AnomalyBenchError) as exc:
             values = ", ".join(f"{k}={format_value(k, v)}" for k, v in row.items()
                                if k != "overrides")
-            raise DataError(
+            why = describe(exc) if isinstance(exc, OSError) else str(exc)
+            raise OutputError(
                 f"cannot write the results of category {row['category']} into {cat_dir} or "
-                f"{self.results_path} ({exc}); make the run directory writable and run again. "
-                f"The computed row was: {values}."
+                f"{self.results_path}: {why}. The computed row was: {values}."
             ) from None
 
     def _check_sizes(self, method: AnomalyMethod, records: list[SampleRecord],
@@ -476,6 +511,45 @@ class Runner:
             f"{len(sizes)} sizes ({listed}); {why}. Set resolution.size (e.g. resolution=r256 "
             "or resolution=paper) so that they are resized to one size."
         )
+
+    def _check_memory(self, method: AnomalyMethod, fit_records: list[SampleRecord],
+                      tested: list[CategorySplit], preprocess: Preprocess) -> None:
+        """Refuse a configuration that needs more memory than the device has
+        (:mod:`anomaly_bench.footprint`), before any image is read: fitting on
+        ``fit_records``, then testing each split of ``tested`` in turn. The input size is
+        the crop or resize, or at native resolution the largest image header."""
+        cfg = self.cfg
+        backbones = method.backbones()
+        if not backbones:
+            return
+        side = preprocess.crop or preprocess.size
+        if side is not None:
+            w = h = int(side)
+        else:
+            records = fit_records + [r for s in tested for r in s.test]
+            sizes = image_sizes([r.image_path for r in records])
+            if not sizes:
+                return
+            w, h = max(sizes, key=lambda s: s[0] * s[1])
+        shapes = {}  # every backbone's features (several: prefixed with their role)
+        for i, (role, bb) in enumerate(backbones.items()):
+            own = footprint.feature_shapes(bb.channels, bb.strides, (h, w))
+            shapes.update(own if i == 0 else {f"{role}.{k}": v for k, v in own.items()})
+        n_fit = len(fit_records)
+        n_test = max((len(s.test) for s in tested), default=0)
+        fp = footprint.estimate(shapes, (h, w), int(cfg.batch_size),
+                                method.fit_bytes(n_fit, shapes) if n_fit else 0, n_test,
+                                any(s.has_masks for s in tested))
+        size, crop = (("null" if v is None else v) for v in (preprocess.size, preprocess.crop))
+        footprint.check(fp, self.device, {
+            "inputs": f"for one batch of batch_size={cfg.batch_size} images of {w}x{h} px "
+                      f"(resolution.size={size}, resolution.crop={crop})",
+            "features": f"for the backbone features of that batch ({method.layers_tag}: "
+                        "layers.*)",
+            "method": f"for what {method.name} holds while fitting on {n_fit} images "
+                      "(method.* keys)",
+            "maps": f"for the anomaly maps of the {n_test} test images at {w}x{h} px",
+        })
 
     def _alignment(self, cfg: dict[str, Any], split: CategorySplit) -> Any:
         """The loader hook rotating images and masks as the alignment decides, or None."""
@@ -595,14 +669,19 @@ class Runner:
         return out, watch.seconds
 
     # ------------------------------------------------------------------ outputs
-    def _write_scores(self, cat_dir: Path, out: Outputs) -> None:
-        """Per-image scores (path, label, defect type, score) for later analysis."""
-        with atomic_open(inside(self.run_dir, cat_dir / "scores.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "defect_type", "score"])
-            for p, lab, d, s in zip(out.paths, out.labels.tolist(), out.defect_types,
-                                    out.scores.tolist(), strict=True):
-                w.writerow([p, lab, d, repr(float(s))])
+    def _write_scores(self, cat_dir: Path, out: Outputs) -> bytes:
+        """Per-image scores (path, label, defect type, score) for later analysis; the
+        bytes written (the row's digest covers them)."""
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["path", "label", "defect_type", "score"])
+        for p, lab, d, s in zip(out.paths, out.labels.tolist(), out.defect_types,
+                                out.scores.tolist(), strict=True):
+            w.writerow([to_cell(p), lab, to_cell(d), repr(float(s))])
+        data = text.getvalue().encode("utf-8", "surrogateescape")
+        with atomic_open(inside(self.run_dir, cat_dir / "scores.csv"), "wb") as fh:
+            fh.write(data)
+        return data
 
     def _plots(self, cat_dir: Path, out: Outputs, split: CategorySplit,
                preprocess: Preprocess, row: dict[str, Any]) -> None:

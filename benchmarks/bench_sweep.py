@@ -21,7 +21,6 @@ the backbone.
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from anomaly_bench.report.results import read_rows
 
 PRESETS = {"padim_screw_layers": "none", "padim_screw_layers_orb90": "orb90"}
 #: the per-job line report/callbacks.py logs
@@ -58,7 +59,7 @@ def sweep_jobs(sweep: Path) -> tuple[int, list[int], list[float]]:
         for log in job.glob("*.log"):
             if any(int(m.group(3)) for m in SOURCES.finditer(log.read_text())):
                 backbone.append(int(job.name))
-        for row in csv.DictReader((job / "results.csv").open()):
+        for row in read_rows(job / "results.csv"):
             seconds.append(float(row["train_s"]) + float(row["test_s"]))
     return len(jobs), backbone, seconds
 

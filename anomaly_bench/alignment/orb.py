@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from anomaly_bench.data.loading import read_image
 from anomaly_bench.errors import ConfigError, DataError
 
 _TRANSPOSE = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
@@ -98,11 +99,7 @@ class OrbRotationAligner:
         """Quarter turns of every image in ``paths`` (unreadable images raise DataError)."""
         out = AlignResult()
         for path in tqdm(paths, desc=desc, unit="img", leave=False):
-            try:
-                with Image.open(path) as im:
-                    arr = np.asarray(im.convert("RGB"))
-            except OSError as exc:
-                raise DataError(f"cannot read {path} for alignment: {exc}") from exc
+            arr = np.asarray(read_image(path))  # as the loader reads it (EXIF, bit depth)
             k, _ = self.rotation(arr)
             if k is None:
                 out.fallbacks.append(str(path))
@@ -144,10 +141,9 @@ def build_aligner(cfg: Mapping[str, Any], train_paths: Sequence[Path]
         raise ConfigError(f"alignment={name} is unknown; available: none, orb90.")
     ref = _reference_image(cfg.get("reference"), train_paths)
     try:
-        with Image.open(ref) as im:
-            image = np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise DataError(f"alignment.reference={ref} is not a readable image: {exc}") from exc
+        image = np.asarray(read_image(ref))
+    except DataError as exc:
+        raise DataError(f"alignment.reference={ref} is not a readable image: {exc}") from None
     return OrbRotationAligner(image, n_features=int(cfg.get("n_features", 1000)),
                               ratio=float(cfg.get("ratio", 0.75)),
                               min_matches=int(cfg.get("min_matches", 10)),

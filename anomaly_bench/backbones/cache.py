@@ -40,6 +40,7 @@ to the kernel for writeback at once and dropped from the page cache.
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import logging
@@ -421,8 +422,8 @@ class FeatureCache:
                         try:
                             written += write_entry(path, tensors, release=_memory_short())
                             break
-                        except FileNotFoundError:  # its folder was removed meanwhile
-                            if attempt == 4:
+                        except OSError as exc:  # ENOENT: its folder was removed meanwhile
+                            if exc.errno != errno.ENOENT or attempt == 4:
                                 raise
                 except (OSError, MemoryError) as exc:  # the cache only saves time
                     log.warning("feature cache: cannot write %s (%s); later runs will "

@@ -1,10 +1,16 @@
 """From sample records to batches: image reading, preprocessing, masks and the DataLoader.
 
 Images are read with PIL and fully decoded (a truncated file is an error, never silently
-padded), turned into RGB, resized to ``size x size`` with PIL's anti-aliased bilinear (or
-bicubic)
-filter, centre-cropped and normalised. Masks follow the same geometry with nearest
-resampling. No torchvision: the same code runs wherever torch and Pillow do.
+padded), turned upright as their EXIF orientation says (masks too, so a mask drawn on the
+photo as it is shown fits it), turned into RGB, resized to ``size x size`` with PIL's
+anti-aliased bilinear (or bicubic) filter, centre-cropped and normalised. Masks follow the
+same geometry (nearest resampling, or bilinear thresholded at one half). No torchvision:
+the same code runs wherever torch and Pillow do.
+
+Pixel formats: 8-bit (L, P, RGB, RGBA, ... through PIL's RGB conversion), 16-bit
+grayscale (``I;16``, ``I``: scaled by the bit depth, 0..65535 to 0..255) and 32-bit float
+grayscale (``F``, e.g. TIFF): values within [0, 1] are read as 0..1, otherwise as 0..255;
+a float image with NaN, infinity, a negative value or one above 255 is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
@@ -55,13 +61,61 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+#: EXIF orientations that swap width and height (a quarter turn, with or without a flip).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation of ``im`` (1 = upright as stored), read from its header."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block: the pixels are taken as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(W, H) of ``im`` as it is shown: its header size, swapped by a quarter-turn EXIF
+    orientation (no pixel is decoded)."""
+    w, h = int(im.size[0]), int(im.size[1])
+    return (h, w) if _orientation(im) in _QUARTER_TURNS else (w, h)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned and flipped as its EXIF orientation says (itself when upright)."""
+    return ImageOps.exif_transpose(im) if _orientation(im) != 1 else im
+
+
+def _float_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """An 8-bit image of a float image file: 0..1 scaled to 0..255 when every value is
+    within [0, 1], else the values taken as 0..255; DataError for NaN, infinity or values
+    outside [0, 255]."""
+    arr = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise DataError(f"Image {path} is a float image holding NaN or infinite values; "
+                        "expected finite values in 0..1 or 0..255.")
+    lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+    if lo < 0 or hi > 255:
+        raise DataError(
+            f"Image {path} is a float image with values from {lo:g} to {hi:g}; float images "
+            "are read as 0..1 (every value within [0, 1]) or as 0..255: rescale it to one "
+            "of those ranges, or save it as an 8- or 16-bit image."
+        )
+    scale = 255.0 if hi <= 1.0 else 1.0
+    return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8))
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as a fully decoded RGB PIL image; DataError naming the file."""
+    """The image at ``path`` as a fully decoded, upright RGB PIL image; DataError naming
+    the file (see the module docstring for the pixel formats)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            return _to_rgb(im)
+            upright = _upright(im)
+            if upright.mode == "F":
+                upright = _float_to_8bit(upright, path)
+            return _to_rgb(upright)
     except FileNotFoundError:
         raise DataError(f"Image {path} does not exist (it was listed by the dataset).") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -72,20 +126,23 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 def read_mask(path: str | Path, image_size: tuple[int, int], image_path: str | Path) -> Image.Image:
-    """The mask at ``path`` as an 'L' image with 0/255 (non-zero = defect).
+    """The mask at ``path`` as an 'L' image with 0/255 (non-zero = defect), upright as its
+    EXIF orientation says.
 
-    Its size is checked against ``image_size`` (W, H) from the header, before decoding.
+    Its size as shown is checked against ``image_size`` (W, H, the upright image's) from
+    the header, before decoding.
     """
     path = Path(path)
     try:
         with Image.open(path) as m:
-            if m.size != tuple(image_size):
+            size = oriented_size(m)
+            if size != tuple(image_size):
                 raise DataError(
-                    f"Mask {path} is {m.size[0]}x{m.size[1]} but image {image_path} is "
+                    f"Mask {path} is {size[0]}x{size[1]} but image {image_path} is "
                     f"{image_size[0]}x{image_size[1]}: a mask must have the size of its image."
                 )
             m.load()
-            arr = np.asarray(m)
+            arr = np.asarray(_upright(m))
             if m.mode in ("RGBA", "LA", "PA", "La"):
                 arr = arr[..., :-1]
     except FileNotFoundError:
@@ -100,12 +157,13 @@ def read_mask(path: str | Path, image_size: tuple[int, int], image_path: str | P
 
 
 def image_sizes(paths: Sequence[str | Path]) -> dict[tuple[int, int], list[Path]]:
-    """``{(W, H): paths}`` read from the image headers only (no pixel is decoded)."""
+    """``{(W, H): paths}`` of the images as shown (EXIF orientation applied), read from
+    their headers only (no pixel is decoded)."""
     out: dict[tuple[int, int], list[Path]] = {}
     for path in paths:
         try:
             with Image.open(path) as im:
-                size = (int(im.size[0]), int(im.size[1]))
+                size = oriented_size(im)
         except FileNotFoundError:
             raise DataError(f"Image {path} does not exist (it was listed by the dataset).") \
                 from None

@@ -158,6 +158,14 @@ class AnomalyMethod(nn.Module, ABC):
     def predict(self, batch: Batch) -> Prediction:
         """Image scores (B,) and anomaly maps (B, H, W) at the batch's image size."""
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """Bytes fitting on ``n_images`` holds beyond one batch, estimated from the
+        backbone's feature shapes ``{name: (C, h, w)}`` before any image is read (a lower
+        bound: what the method's statistics or bank certainly hold in float32). The
+        runner refuses a configuration whose memory exceeds the machine's
+        (:mod:`anomaly_bench.footprint`)."""
+        return 0
+
     def _tags(self, what: str) -> str:
         """``<first> + <name>=<tag> ...`` of attribute ``what`` over the backbones."""
         tags = [str(getattr(b, what, "")) for b in self.backbones().values()]
@@ -249,7 +257,18 @@ def requested_weights(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, 
                                   b.get("kind", "cnn"))
 
     roles = backbone_roles(method_cfg.get("name"))
-    return " + ".join([tag(backbone_cfg), *(f"{r}={tag(method_cfg[r])}" for r in roles)])
+    return " + ".join([tag(backbone_cfg),
+                       *(f"{r}={tag(role_config(method_cfg, backbone_cfg, r))}" for r in roles)])
+
+
+def role_config(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
+                role: str) -> dict[str, Any]:
+    """The backbone group of ``role`` as built: ``backbone.pretrained=false`` makes every
+    network of the run seeded-random, this one too (a weights file still wins)."""
+    cfg = dict(method_cfg[role])
+    cfg["pretrained"] = (bool(cfg.get("pretrained", True))
+                         and bool(backbone_cfg.get("pretrained", True)))
+    return cfg
 
 
 def comparable(method_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from anomaly_bench.data.loading import IMAGE_FILTERS
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.data.views import RandomResizedCrop
 from anomaly_bench.errors import ConfigError
-from anomaly_bench.methods.base import AnomalyMethod, comparable, register
+from anomaly_bench.methods.base import AnomalyMethod, comparable, register, role_config
 from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.ops.blur import gaussian_blur
 from anomaly_bench.ops.masking import guided_keep, kept_count, random_keep
@@ -290,7 +290,8 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
         raise ConfigError(f"method.train_scale={list(scale_range)}: the crop's area fraction "
                           "is at most 1.")
     encoder = build_extractor(backbone_cfg, {"blocks": [-1]}, seed, trainable=True)
-    teacher = build_extractor(method_cfg["teacher"], method_cfg["teacher_layers"], seed)
+    teacher = build_extractor(role_config(method_cfg, backbone_cfg, "teacher"),
+                              method_cfg["teacher_layers"], seed)
     model = encoder.model
     if getattr(model, "pos_embed", None) is not None:
         if encoder.weights_tag.startswith("random("):  # MMR's own initialisation: sin-cos

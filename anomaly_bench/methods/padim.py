@@ -144,6 +144,17 @@ class Padim(AnomalyMethod):
             kept.clear()
             self.whiten = whitening(grams, shapes, shapes[0], self.reg)
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """The full solver's C x C covariance per position of the finest grid, or the
+        low-rank solver's N centred embeddings per stage and N x N whitening per position."""
+        d = int(self.channel_idx.numel())
+        grid = [shapes[s][1] * shapes[s][2] for s in self.stages]
+        if self.solver == "full" or (self.solver == "auto" and n_images > d):
+            return 4 * grid[0] * d * d
+        kept = sum(self.get_buffer(f"channels_{s}").numel() * p
+                   for s, p in zip(self.stages, grid, strict=True))
+        return 4 * n_images * kept + 4 * grid[0] * n_images * n_images
+
     def _statistics(self, stage: str) -> Derived[tuple[torch.Tensor, torch.Tensor]]:
         """The fitted (mean, centred samples) of one stage, named as derived by ``fit``."""
         fitted = self._fitted.get(stage)

@@ -214,6 +214,12 @@ class PatchCore(AnomalyMethod):
         self._index = None
         _ = self.index  # built here, so its set-up counts as training time
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """Every training patch embedding (``embed_dim`` per position of the first
+        selected feature's grid), before the coreset keeps a fraction of them."""
+        _, h, w = next(iter(shapes.values()))
+        return 4 * n_images * h * w * self.embed_dim
+
     @property
     def index(self) -> KnnIndex:
         if self.memory_bank is None:

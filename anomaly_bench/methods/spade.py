@@ -103,6 +103,11 @@ class Spade(AnomalyMethod):
         glob = feats[self.global_layer].mean(dim=(2, 3))
         return glob, {s: feats[s].permute(0, 2, 3, 1).contiguous() for s in self.pixel_layers}
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """The banks: every training image's pixel-layer maps and global vector."""
+        per_image = sum(c * h * w for s, (c, h, w) in shapes.items() if s in self.pixel_layers)
+        return 4 * n_images * (per_image + shapes[self.global_layer][0])
+
     def fit(self, batches: Iterable[Batch]) -> None:
         globs: list[torch.Tensor] = []
         maps: dict[str, list[torch.Tensor]] = {s: [] for s in self.pixel_layers}

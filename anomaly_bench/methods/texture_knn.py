@@ -83,6 +83,11 @@ class TextureKnn(AnomalyMethod):
                                  stride=1, padding=self.pool // 2)
         return f
 
+    def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """many_shot: the bank of every training patch feature (zero_shot keeps none)."""
+        c, h, w = next(iter(shapes.values()))
+        return 0 if self.zero_shot else 4 * n_images * c * h * w
+
     def fit(self, batches: Iterable[Batch]) -> None:
         if self.mode == "zero_shot":
             return
@@ -103,7 +108,8 @@ class TextureKnn(AnomalyMethod):
             raise RuntimeError("texture_knn many_shot predict called before fit")
         k = min(self.k, self.bank.shape[0])
         if self.impl == "fast":
-            d = knn(x.reshape(-1, c), self.bank, k).distances
+            # 400 averaged neighbours: the product-form distances (see ops/knn.py)
+            d = knn(x.reshape(-1, c), self.bank, k, remeasure=False).distances
         else:
             q = x.reshape(-1, c)
             d = torch.cat([torch.cdist(q[i:i + 256], self.bank).sort(dim=1).values[:, :k]

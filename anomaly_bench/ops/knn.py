@@ -1,7 +1,14 @@
 """Exact k-nearest-neighbour search on the device, chunked to bound memory.
 
-Distances come from one matrix product, ``|q|^2 - 2 q.b + |b|^2`` (clamped at zero), the
-formulation of faiss' flat L2 index and of PatchCore's reference code. Queries are split
+The search ranks by one matrix product, ``|q|^2 - 2 q.b + |b|^2`` (clamped at zero), the
+formulation of faiss' flat L2 index and of PatchCore's reference code; the distances it
+returns are then measured again for the k chosen rows as sums of squared differences.
+Why: the product form cancels (its rounding error scales with ``|q| |b|``, not with the
+distance), and how large that error is depends on the kernel's summation order, which
+differs between CPUs (AMX, AVX-512, AVX2) and BLAS libraries: a SPADE image score moved by
+1e-5 (relative) between an Intel and an AMD machine. A sum of squared differences has a
+relative error of at most ``gamma_D`` (D the dimension) whatever the order, and equals
+what the screened search of :mod:`anomaly_bench.ops.screen` reports. Queries are split
 into chunks so the (queries x bank) distance block stays under ``max_bytes``; a bank too
 large for one block is split too and the per-chunk top-k lists are merged, so the result is
 the exact k nearest whatever the sizes. The product and the selection of the k smallest go
@@ -43,8 +50,11 @@ def _rows_per_chunk(n_cols: int, max_bytes: int, element_bytes: int = 4) -> int:
 
 
 def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tensor | None = None,
-        max_bytes: int = MAX_BYTES) -> Neighbours:
-    """The exact ``k`` nearest rows of ``bank`` (N, D) for every row of ``query`` (M, D)."""
+        max_bytes: int = MAX_BYTES, remeasure: bool = True) -> Neighbours:
+    """The exact ``k`` nearest rows of ``bank`` (N, D) for every row of ``query`` (M, D).
+
+    ``remeasure``: the distances of the chosen rows as sums of squared differences
+    (kernel-independent, see the module docstring), else as the search ranked them."""
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ValueError(f"knn expects (M, D) and (N, D); got {tuple(query.shape)} and "
                          f"{tuple(bank.shape)}")
@@ -83,9 +93,27 @@ def knn(query: torch.Tensor, bank: torch.Tensor, k: int, *, bank_sq: torch.Tenso
                 cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
                 best_d, pos = cat_d.topk(k, dim=1, largest=False)
                 best_i = cat_i.gather(1, pos)
+        if remeasure:
+            best_d = sqdist_rows(q, bank, best_i, max_bytes)
+            if k > 1:  # ascending by the measured distances (ties keep the search's order)
+                best_d, pos = best_d.sort(dim=1, stable=True)
+                best_i = best_i.gather(1, pos)
         out_d.append(best_d.sqrt_())
         out_i.append(best_i)
     return Neighbours(torch.cat(out_d), torch.cat(out_i))
+
+
+def sqdist_rows(query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
+                max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """(M, k) squared distances of each query row (M, D) to its bank rows ``index`` (M, k),
+    as sums of squared differences (chunked to bound the (rows, k, D) differences)."""
+    m, k = index.shape
+    rows = max(1, max_bytes // max(1, k * bank.shape[1] * bank.element_size()))
+    out = torch.empty(m, k, device=query.device, dtype=query.dtype)
+    for r0 in range(0, m, rows):
+        diff = query[r0:r0 + rows].unsqueeze(1) - bank[index[r0:r0 + rows]]
+        out[r0:r0 + rows] = diff.square_().sum(dim=-1)
+    return out
 
 
 def self_knn_mean(x: torch.Tensor, k: int, *, max_bytes: int = MAX_BYTES) -> torch.Tensor:

@@ -43,6 +43,7 @@ runs in NumPy on the CPU.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -62,9 +63,16 @@ _PAIRS = 8192
 _SEED_STRIDE = 16
 
 
+#: Set to 1 to take the plain search even on a CPU with AMX (what every other CPU runs).
+NO_AMX_ENV = "ANOMALY_BENCH_NO_AMX"
+
+
 @lru_cache(maxsize=1)
 def screen_available() -> bool:
-    """True when the CPU multiplies bfloat16 matrices with AMX (see the module docstring)."""
+    """True when the CPU multiplies bfloat16 matrices with AMX (see the module docstring)
+    and ``ANOMALY_BENCH_NO_AMX`` does not turn the screen off."""
+    if os.environ.get(NO_AMX_ENV, "") not in ("", "0"):
+        return False
     try:
         return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
     except (AttributeError, RuntimeError):  # torch without the capability query

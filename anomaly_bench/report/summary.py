@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from anomaly_bench.errors import AnomalyBenchError
-from anomaly_bench.fsutil import atomic_open
+from anomaly_bench.fsutil import atomic_open, describe
 from anomaly_bench.report.results import COLUMNS, read_rows, write_csv
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -697,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
             done.append(path)
     except AnomalyBenchError as exc:
         print(f"anomaly-bench: error: {exc}")
+        return 2
+    except OSError as exc:  # a summary file or figure that cannot be written
+        print(f"anomaly-bench: error: {describe(exc)}.")
         return 2
     print("wrote " + ", ".join(str(p) for p in done))
     return 0

@@ -130,8 +130,10 @@ def test_resume_reuses_only_the_same_configuration(mvtec, tmp_path):
     assert read_rows(run / "results.csv") == rows  # nothing recomputed
     config = run / "bottle" / "config.json"
     stored = json.loads(config.read_text())
-    del stored["method"]["blur_border"]  # a row written before that key existed
+    del stored["method"]["blur_border"]  # a row written before that key existed ...
     config.write_text(json.dumps(stored))
+    _previous_format(run / "results.csv")  # ... and before rows carried their digest
+    rows = read_rows(run / "results.csv")
     older = run_cli(base, run)
     assert older.code == 0 and "skipped (resume=true)" in older.stderr + older.stdout
     other = run_cli([*base, "method=patchcore"], run)
@@ -143,6 +145,16 @@ def test_resume_reuses_only_the_same_configuration(mvtec, tmp_path):
     redo = run_cli([*base, "method=patchcore", "resume=false"], run)
     assert redo.code == 0, redo.stderr[-2000:]
     assert {r["method"] for r in read_rows(run / "results.csv")} == {"patchcore"}
+
+
+def _previous_format(path: Path) -> None:
+    """Rewrite results.csv as the previous version of the format wrote it (no digest)."""
+    rows = read_rows(path)
+    old = [c for c in COLUMNS if c != "record_sha256"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _runner(tmp_path: Path, mvtec: Path, *extra: str) -> Runner:

@@ -15,7 +15,7 @@ from anomaly_bench.data import (
     get_layout,
     make_loader,
 )
-from anomaly_bench.data.loading import read_image
+from anomaly_bench.data.loading import image_sizes, read_image
 from anomaly_bench.errors import ConfigError, DataError
 from anomaly_bench.types import Batch, SampleRecord
 
@@ -229,3 +229,63 @@ def test_resampling_filters_are_pil_s_and_bilinear_masks_are_thresholded_at_half
     assert soft.sum() != hard.sum()  # the two conventions differ on a small defect
     with pytest.raises(ConfigError, match="resample='lanczos'"):
         dataclasses.replace(base, resample="lanczos")
+
+
+# ---------------------------------------------------------------------- float and EXIF
+def _float_tiff(path, arr):
+    Image.fromarray(np.asarray(arr, np.float32)).save(path)
+    return path
+
+
+def test_a_float_image_holding_0_255_values_is_read_as_such(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 255, (16, 16))
+    got = np.asarray(read_image(_float_tiff(tmp_path / "a.tif", values)))[..., 0]
+    assert np.array_equal(got, np.round(values).astype(np.uint8))  # not saturated
+    unit = np.asarray(read_image(_float_tiff(tmp_path / "b.tif", values / 255)))[..., 0]
+    assert np.abs(unit.astype(int) - got).max() <= 1  # 0..1 images are scaled to 0..255
+
+
+@pytest.mark.parametrize(("bad", "needle"), [
+    (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-0.5, "-0.5"),
+    (300.0, "300"),
+])
+def test_a_float_image_out_of_range_is_refused_naming_the_file(tmp_path, bad, needle):
+    arr = np.full((8, 8), 0.5)
+    arr[3, 4] = bad
+    path = _float_tiff(tmp_path / "bad.tif", arr)
+    with pytest.raises(DataError) as err:
+        read_image(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def _exif_rotated(path, upright: np.ndarray, orientation: int = 6):
+    """A JPEG whose stored pixels are ``upright`` turned so that a viewer applying EXIF
+    ``orientation`` (6: rotate 90 degrees clockwise to display) shows ``upright``."""
+    stored = np.rot90(upright, 1)  # 6: the stored image is the upright one turned CCW
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (40, 40)])
+def test_exif_orientation_turns_images_and_their_masks_alike(tmp_path, shape):
+    h, w = shape
+    upright = np.full((h, w, 3), 60, np.uint8)
+    upright[4:14, 6:16] = 250  # the defect as the photo is seen (and the mask drawn)
+    mask = np.zeros((h, w), np.uint8)
+    mask[4:14, 6:16] = 255
+    image_path = _exif_rotated(tmp_path / "img.jpg", upright)
+    mask_path = write_png_mask(tmp_path / "img_mask.png", mask)
+    assert image_sizes([image_path]) == {(w, h): [image_path]}
+    rec = SampleRecord(image_path, 1, "crack", mask_path)
+    item = RecordDataset([rec], preprocess(None, None), with_masks=True)[0]
+    bright = denormalize(item["image"][None], preprocess(None, None))[0, ..., 0] > 200
+    assert item["mask"].shape[-2:] == (h, w)
+    assert np.array_equal(bright, item["mask"][0].numpy() > 0)
+
+
+def write_png_mask(path, arr):
+    Image.fromarray(arr).save(path)
+    return path

@@ -472,6 +472,33 @@ def test_entries_vanishing_under_a_job_only_make_it_recompute(tmp_path: Path, ca
     assert not errors and not _warnings(caplog)
 
 
+def test_a_write_whose_folder_vanished_is_retried(tmp_path: Path, caplog, no_memo,
+                                                  monkeypatch):
+    """A concurrent clear removing an entry's folder between its creation and the write
+    (ENOENT, as the atomic writer reports it) is retried, not a warning."""
+    import errno
+
+    from anomaly_bench.backbones import cache as fc
+    from anomaly_bench.fsutil import WriteError
+
+    write = fc.write_entry
+    failed: list[Path] = []
+
+    def vanished_once(path, *args, **kwargs):
+        if not failed:
+            failed.append(path)
+            raise WriteError(errno.ENOENT, "No such file or directory", str(path))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(fc, "write_entry", vanished_once)
+    images = _images()[:2]
+    with caplog.at_level(logging.WARNING, logger="anomaly_bench"):
+        _extract(tmp_path, images)
+    assert failed and not _warnings(caplog)
+    cache = _extractor(tmp_path).cache
+    assert all(cache._path(fc.image_key(img)).is_file() for img in images)
+
+
 def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, capsys):
     import subprocess
     import sys

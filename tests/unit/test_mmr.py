@@ -83,7 +83,8 @@ def test_weights_tags_name_every_network():
     assert method.layers_tag == "blocks.11 + teacher=layer1.1+layer2.1+layer3.1"
     assert method.frozen == ("teacher",) and method.normalisation[0] == (0.485, 0.456, 0.406)
     # backbone.pretrained=false reaches the teacher too (its option says pretrained: true)
-    assert g["method"]["teacher"]["pretrained"] is False
+    assert g["method"]["teacher"]["pretrained"] is True
+    assert "teacher=random(seed=0)" in requested_weights(g["method"], g["backbone"], 0)
 
 
 def test_checkpoint_holds_the_trained_encoder_and_never_the_teacher(tmp_path):
