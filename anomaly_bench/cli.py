@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from anomaly_bench.configs import config_dir
+from anomaly_bench.configs import config_dir, friendly_overrides
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
 
@@ -133,6 +133,7 @@ def _ignore_file_size_signal() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    sys.argv[1:] = friendly_overrides(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     _ignore_file_size_signal()
     # a log line that cannot be written (the disk the error is about) stays silent rather

@@ -42,6 +42,10 @@ CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
+#: The backbone kind a method is tested on when it cannot take a CNN (MMR trains a ViT
+#: encoder), and the overrides that make it small (one epoch, a ResNet-18 teacher).
+KIND = {"mmr": "vit"}
+OVERRIDES = {"mmr": ["method.teacher=resnet18", "method.epochs=1", "backbone.pretrained=false"]}
 
 
 def _batches(records: list[SampleRecord], what: str):
@@ -59,11 +63,11 @@ def _batches(records: list[SampleRecord], what: str):
 
 
 def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, dict]:
-    cfg = compose_config([f"method={method}"])
+    cfg = compose_config([f"method={method}", *OVERRIDES.get(method, [])])
     method_cfg = {**OmegaConf.to_container(cfg.method, resolve=True), **SMALL.get(method, {}),
                   **(extra or {})}
     if kind == "vit":
-        return method_cfg, VIT, {"blocks": VIT_LAYERS[method]}
+        return method_cfg, VIT, {"blocks": VIT_LAYERS.get(method, [-1])}
     if kind == "clip":
         return method_cfg, CLIP, {"blocks": CLIP_LAYERS[method]}
     return method_cfg, BACKBONE, OmegaConf.to_container(cfg.layers)
@@ -91,7 +95,8 @@ def _test_batch() -> Batch:
     return next(_batches([SampleRecord(Path(f"{100 + i}.png"), 0) for i in range(3)], "test"))
 
 
-CASES = ([(m, None, "cnn") for m in available()] + [("texture_knn", {"mode": "many_shot"}, "cnn")]
+CASES = ([(m, None, KIND.get(m, "cnn")) for m in available()]
+         + [("texture_knn", {"mode": "many_shot"}, "cnn")]
          + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS])
 
 
@@ -131,15 +136,20 @@ def test_method_contract(method, extra, kind, tmp_path):
 @pytest.mark.parametrize("method", available())
 def test_blur_border_reaches_the_maps(method, tmp_path):
     """``method.blur_border`` changes the maps near the image border only: ``reflect``
-    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default) does not."""
-    method_cfg, backbone, layers = _configs(method, {"blur_border": "reflect"}, "cnn")
-    assert build_method(method_cfg, backbone, layers, seed=0).blur_border == "reflect"
-    model = _fitted(method, tmp_path, None, "cnn")
-    assert model.blur_border == "mirror"
+    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default but for MMR,
+    whose official code blurs with scipy) does not."""
+    kind = KIND.get(method, "cnn")
+    model = _fitted(method, tmp_path, None, kind)
+    default = model.blur_border
+    other = "reflect" if default == "mirror" else "mirror"
+    method_cfg, backbone, layers = _configs(method, {"blur_border": other}, kind)
+    assert build_method(method_cfg, backbone, layers, seed=0).blur_border == other
+    assert default == ("reflect" if method == "mmr" else "mirror")
     batch = _test_batch()
-    mirror = model.predict(batch).anomaly_maps
-    model.blur_border = "reflect"
-    reflect = model.predict(batch).anomaly_maps
+    maps = {default: model.predict(batch).anomaly_maps}
+    model.blur_border = other
+    maps[other] = model.predict(batch).anomaly_maps
+    mirror, reflect = maps["mirror"], maps["reflect"]
     r = int(4 * model.blur_sigma + 0.5)
     inner = (slice(None), slice(r, -r), slice(r, -r))
     torch.testing.assert_close(reflect[inner], mirror[inner])
