@@ -8,6 +8,11 @@ its own input normalisation (``mean``, ``std``) and its preferred input size
 (``input_size``), which preprocessing uses. Methods see only features; whether they came
 from the network or from the feature cache is decided here, not in the method maths.
 
+A backbone is frozen (eval mode, no gradients) unless its method builds it ``trainable``
+(MMR's encoder): a trainable one follows ``train()``/``eval()``, its parameters take
+gradients, and it never uses the feature cache (its outputs change as it learns), so
+attaching one is an error.
+
 A subclass implements ``_run(images, every_block)`` (the selected blocks, or every block
 its forward pass runs, by block name) and ``block_names`` (feature name -> block name).
 With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, a batch is served
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.cache import FeatureCache, image_key
+from anomaly_bench.errors import ConfigError
 from anomaly_bench.memo import Derived, known
 
 #: ImageNet's input statistics: the normalisation of timm's CNNs, MAE and most ViTs.
@@ -53,7 +59,7 @@ class Features(dict):
 
 
 class Backbone(nn.Module):
-    """A frozen feature extractor; see the module docstring for what it promises."""
+    """A feature extractor, frozen unless built trainable; see the module docstring."""
 
     kind: str = ""
     name: str = ""
@@ -65,6 +71,8 @@ class Backbone(nn.Module):
     channels: dict[str, int]
     strides: dict[str, int]
     cache: FeatureCache | None = None
+    #: Built to be trained by its method (MMR's encoder); False = frozen.
+    trainable: bool = False
 
     @property
     @abstractmethod
@@ -80,11 +88,18 @@ class Backbone(nn.Module):
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """``{block name: output}`` of the selected blocks, or of every block run."""
 
-    def train(self, mode: bool = True) -> Backbone:  # frozen: normalisation stays in eval
-        return super().train(False)
+    def train(self, mode: bool = True) -> Backbone:
+        """A frozen backbone stays in eval mode (normalisation statistics never move)."""
+        return super().train(mode and self.trainable)
 
     def attach_cache(self, cache: FeatureCache | None) -> None:
         """Serve and store block outputs through ``cache`` (None detaches)."""
+        if cache is not None and self.trainable:
+            raise ConfigError(
+                f"backbone {self.name} is trained by its method, so its outputs change with "
+                "every step and cannot come from the feature cache: set "
+                "backbone.cache.enabled=false for it."
+            )
         self.cache = cache
 
     def forward(self, images: torch.Tensor) -> Features:
