@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -68,3 +69,18 @@ def test_bad_input_stops_before_any_image_is_read(tmp_path, overrides, needles):
     res = run_cli(args, tmp_path / "run", fast=False, env=env)
     assert_clean_error(res, *needles)
     assert len([line for line in res.stderr.strip().splitlines() if line.strip()]) <= 3
+
+
+def test_few_shot_preset_sweeps_k_1_2_4(tmp_path, synthetic_root):
+    env, tiny = tiny_clip_env(tmp_path / "clip")
+    sweep = tmp_path / "sweep"
+    res = run_cli(["-m", "experiment=winclip_few_shot", *tiny, "dataset=synthetic",
+                   f"dataset.root={synthetic_root}", "dataset.category=stripes",
+                   "plots.enabled=false", f"hydra.sweep.dir={sweep}"],
+                  tmp_path / "unused", fast=False, env=env)
+    assert res.code == 0, res.stderr[-2000:]
+    with (sweep / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["overrides"].split("method.k_shot=")[1].split()[0] for r in rows] == ["1", "2", "4"]
+    assert [r["n_train"] for r in rows] == ["1", "2", "4"]
+    assert {r["method"] for r in rows} == {"winclip"}
