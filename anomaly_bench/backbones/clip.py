@@ -152,24 +152,54 @@ class ClipBackbone(TokenGridBackbone):
         position embedding, ``ln_pre``, all per token), one gather of the kept patch
         tokens for all S sequences of all images, then the blocks and ``ln_post`` on the
         (B*S, 1 + K) sequences in chunks of :data:`CHUNK_TOKENS` tokens."""
-        self._check_size(images)
+        seq = self._sequences(images, keep)
+        step = max(1, CHUNK_TOKENS // seq.shape[1])
         visual = self.model.visual
-        x = visual._embeds(images)  # (B, 1 + h*w, C); ln_pre is per token, so it commutes
+        out = torch.cat([visual.ln_post(visual.transformer(part)) for part in seq.split(step)])
+        return out.view(*keep.shape[:2], *out.shape[1:])
+
+    def _sequences(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B*S, 1 + K, C): per image and sequence, the class token and the kept patch
+        tokens after the embedding (positions added, ``ln_pre``; all per token)."""
+        self._check_size(images)
+        x = self.model.visual._embeds(images)  # (B, 1 + h*w, C)
         b, s, k = keep.shape
         c = x.shape[-1]
         kept = x[:, 1:].gather(1, keep.reshape(b, s * k, 1).expand(-1, -1, c))
         seq = torch.cat([x[:, None, :1].expand(-1, s, -1, -1), kept.view(b, s, k, c)], dim=2)
-        seq = seq.reshape(b * s, 1 + k, c)
-        step = max(1, CHUNK_TOKENS // (1 + k))
-        out = torch.cat([visual.ln_post(visual.transformer(part)) for part in seq.split(step)])
-        return out.view(b, s, 1 + k, c)
+        return seq.reshape(b * s, 1 + k, c)
 
     def encode_windows(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(B, S, D) L2-normalised joint-space embeddings of windows: ``keep`` (B, S, K)
         as in :meth:`forward_kept`, each window's class token after ``ln_post`` through
-        the projection."""
+        the projection.
+
+        Only the class token leaves the last block, so there the patch tokens give keys
+        and values and nothing else: its query, attention output and MLP run for the
+        class token alone (6% of the window pass at ViT-B/16 with 2x2 and 3x3 windows;
+        the plain pass where a block is not open_clip's standard one)."""
         self._check_class_pooled()
-        return self._joint(self.forward_kept(images, keep)[:, :, 0])
+        seq = self._sequences(images, keep)
+        step = max(1, CHUNK_TOKENS // seq.shape[1])
+        visual = self.model.visual
+        out = torch.cat([self._class_out(part) for part in seq.split(step)])
+        return self._joint(visual.ln_post(out)).view(*keep.shape[:2], -1)
+
+    def _class_out(self, seq: torch.Tensor) -> torch.Tensor:
+        """(N, C) class tokens of (N, L, C) sequences after the last block."""
+        transformer = self.model.visual.transformer
+        *blocks, last = transformer.resblocks
+        plain = (getattr(transformer, "batch_first", True) and not hasattr(last, "ln_1_kv")
+                 and isinstance(getattr(last, "attn", None), torch.nn.MultiheadAttention)
+                 and last.attn.batch_first)
+        if not plain:
+            return transformer(seq)[:, 0]
+        for block in blocks:
+            seq = block(seq)
+        y = last.ln_1(seq)
+        x = seq[:, :1] + last.ls_1(last.attn(y[:, :1], y, y, need_weights=False)[0])
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        return x[:, 0]
 
     def embed_class_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., D) L2-normalised joint-space embeddings of last-block class tokens

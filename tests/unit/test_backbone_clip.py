@@ -188,11 +188,14 @@ def test_windows_in_chunks_equal_windows_in_one_pass(tiny, monkeypatch):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     keep = _windows(4, 3).expand(3, -1, -1)
     with torch.no_grad():
-        one = bb.forward_kept(images, keep)
+        one, windows = bb.forward_kept(images, keep), bb.encode_windows(images, keep)
         monkeypatch.setattr(clip, "CHUNK_TOKENS", 25)  # 2 sequences of 10 tokens per chunk
-        chunked = bb.forward_kept(images, keep)
-    assert one.shape == (3, 4, 10, 48)
+        chunked, chunked_windows = bb.forward_kept(images, keep), bb.encode_windows(images, keep)
+    assert one.shape == (3, 4, 10, 48) and windows.shape == (3, 4, 32)
     torch.testing.assert_close(chunked, one, rtol=0, atol=_bound(bb))
+    torch.testing.assert_close(chunked_windows, windows, rtol=0, atol=_bound(bb))
+    # the class-token-only last block gives the class token of the full pass
+    torch.testing.assert_close(windows, bb._joint(one[:, :, 0]), rtol=0, atol=_bound(bb))
 
 
 def test_local_weights_of_another_size_are_interpolated_as_the_hub_path(tiny, tmp_path):
