@@ -328,7 +328,8 @@ class Runner:
             b = self.cfg.backbone
             self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
                                         b.get("weights"), int(self.cfg.seed),
-                                        b.get("weights_url"), b.get("kind", "cnn"))
+                                        b.get("weights_url"), b.get("kind", "cnn"),
+                                        bool(b.get("quick_gelu", False)))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:

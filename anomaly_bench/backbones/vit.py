@@ -44,6 +44,7 @@ class TokenGridBackbone(Backbone):
         if not picked:
             raise ConfigError("layers.blocks is empty: name at least one transformer block.")
         self.selection = sorted(set(picked))
+        self.n_blocks = n
 
     @property
     def block_names(self) -> dict[str, str]:
