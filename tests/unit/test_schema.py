@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fixtures import compose_config
+from fixtures import compose_config, register_tiny_clip
 from omegaconf import OmegaConf
 
 from anomaly_bench.errors import ConfigError
@@ -76,7 +76,7 @@ def test_runner_validates_before_reading_any_data(tmp_path):
 
 
 @pytest.mark.parametrize("method", available())
-def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method):
+def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method, tmp_path):
     from anomaly_bench.methods import build_method
     from anomaly_bench.methods.base import method_defaults
 
@@ -85,6 +85,10 @@ def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method):
     assert method_defaults(method) == composed  # the YAML is the one place of defaults
     backbone = {"name": "resnet18", "hub_tag": None, "pretrained": False, "weights": None}
     layers = OmegaConf.to_container(cfg.layers)
+    if cfg.backbone.get("kind") == "clip":  # a method that selects a CLIP tower: a tiny one
+        backbone = {"name": register_tiny_clip(tmp_path), "kind": "clip", "pretrained": False,
+                    "weights": None}
+        layers = {"blocks": [1, 2]}
     built = build_method({"name": method}, backbone, layers, seed=0)
     for key in ("k", "reg", "blur_sigma", "coreset_ratio", "pool"):
         if key in composed and hasattr(built, key):
@@ -96,12 +100,13 @@ def test_method_constructors_hold_no_defaults():
     setting as a required argument, so a value the YAML changes cannot be shadowed."""
     import inspect
 
+    from anomaly_bench.methods.aprilgan import AprilGan
     from anomaly_bench.methods.padim import Padim
     from anomaly_bench.methods.patchcore import PatchCore
     from anomaly_bench.methods.spade import Spade
     from anomaly_bench.methods.texture_knn import TextureKnn
 
-    for cls in (Padim, PatchCore, Spade, TextureKnn):
+    for cls in (AprilGan, Padim, PatchCore, Spade, TextureKnn):
         params = inspect.signature(cls.__init__).parameters.values()
         with_default = [p.name for p in params if p.default is not inspect.Parameter.empty]
         assert not with_default, f"{cls.__name__}: {with_default}"
