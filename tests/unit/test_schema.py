@@ -30,7 +30,9 @@ def test_defaults_of_every_method_and_group_are_valid(method, extra):
 
 @pytest.mark.parametrize("experiment", ["padim_screw_layers", "padim_screw_layers_orb90",
                                         "spade_stc", "spade_mvtec_layers", "spade_mvtec_gallery",
-                                        *[f"texture_v0{i}" for i in range(1, 7)]])
+                                        *[f"texture_v0{i}" for i in range(1, 7)],
+                                        "aprilgan_zero_shot_mvtec", "aprilgan_zero_shot_visa",
+                                        "aprilgan_few_shot"])
 def test_presets_are_valid(experiment):
     overrides = [f"experiment={experiment}"]
     if experiment.startswith("texture"):
@@ -110,3 +112,17 @@ def test_method_constructors_hold_no_defaults():
         params = inspect.signature(cls.__init__).parameters.values()
         with_default = [p.name for p in params if p.default is not inspect.Parameter.empty]
         assert not with_default, f"{cls.__name__}: {with_default}"
+
+
+def test_aprilgan_alone_selects_its_backbone_blocks_and_input_and_the_command_line_wins():
+    cfg = compose_config(["method=aprilgan"])
+    assert (cfg.backbone.name, cfg.backbone.image_size, cfg.backbone.quick_gelu) == (
+        "ViT-L-14-336", 518, False)
+    assert list(cfg.layers.blocks) == [5, 11, 17, 23]  # layers 6, 12, 18, 24 counted from 1
+    assert (cfg.resolution.size, cfg.resolution.crop) == (518, None)
+    assert (cfg.method.input_resample, cfg.method.mask_resample) == ("bicubic", "bilinear")
+    other = compose_config(["method=aprilgan", "backbone=clip_vit_b16_plus_240"])
+    assert other.backbone.name == "ViT-B-16-plus-240" and list(other.layers.blocks) == [-1]
+    chosen = compose_config(["method=aprilgan", "layers.blocks=[3,7]"])
+    assert list(chosen.layers.blocks) == [3, 7] and chosen.backbone.name == "ViT-L-14-336"
+    assert compose_config(["method=padim"]).backbone.name == "wide_resnet50_2"
