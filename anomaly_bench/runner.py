@@ -51,7 +51,7 @@ from anomaly_bench.report import plots
 from anomaly_bench.report.results import completed_categories, format_value, write_row
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
 from anomaly_bench.schema import differences, validate
-from anomaly_bench.types import Batch, CategorySplit, SampleRecord
+from anomaly_bench.types import Batch, CategorySplit, Prediction, SampleRecord
 
 log = logging.getLogger("anomaly_bench")
 #: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
@@ -328,7 +328,8 @@ class Runner:
             b = self.cfg.backbone
             self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
                                         b.get("weights"), int(self.cfg.seed),
-                                        b.get("weights_url"), b.get("kind", "cnn"))
+                                        b.get("weights_url"), b.get("kind", "cnn"),
+                                        bool(b.get("quick_gelu", False)))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:
@@ -522,8 +523,8 @@ class Runner:
                           mask_resample=filters["mask_resample"])
 
     def _batches(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
-                 desc: str) -> Iterator[Batch]:
-        loader = make_loader(records, preprocess, int(self.cfg.batch_size),
+                 desc: str, batch_size: int | None = None) -> Iterator[Batch]:
+        loader = make_loader(records, preprocess, int(batch_size or self.cfg.batch_size),
                              int(self.cfg.num_workers), with_masks=with_masks,
                              transform_pil=self.transform)
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
@@ -532,12 +533,13 @@ class Runner:
     def _source(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
                 method_cfg: dict[str, Any], augment: Any, name: str) -> TrainSource:
         """``records`` as a re-iterable source of device batches (seeded epochs, optional
-        validation split from the method's ``train`` group, its augmentation hook)."""
+        validation split and training batch size from the method's ``train`` group, its
+        augmentation hook)."""
+        train = method_cfg.get("train") or {}
         return TrainSource(
             records, lambda recs, what: self._batches(recs, preprocess, with_masks,
-                                                      f"{what} {name}"),
-            seed=int(self.cfg.seed),
-            val_fraction=float((method_cfg.get("train") or {}).get("val_fraction", 0.0)),
+                                                      f"{what} {name}", train.get("batch_size")),
+            seed=int(self.cfg.seed), val_fraction=float(train.get("val_fraction", 0.0)),
             augment=augment)
 
     def _references(self, method: AnomalyMethod, split: CategorySplit,
@@ -553,13 +555,11 @@ class Runner:
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
-        scores, labels, maps, masks, paths, defects, turns = [], [], [], [], [], [], []
+        preds, labels, masks, paths, defects, turns = [], [], [], [], [], []
         for batch in self._batches(split.test, preprocess, split.has_masks,
                                    f"test {split.category}"):
             with watch:
-                pred = method.predict(batch)
-            scores.append(pred.image_scores)
-            maps.append(pred.anomaly_maps)
+                preds.append(method.predict(batch))
             labels.append(batch.labels)
             if batch.masks is not None:
                 masks.append(batch.masks[:, 0] > 0.5)
@@ -567,8 +567,13 @@ class Runner:
             defects += batch.defect_types
             turns.append(batch.rotations if batch.rotations is not None
                          else torch.zeros(len(batch.paths), dtype=torch.long))
+        with watch:  # the method's step over the whole test set
+            final = method.finish(Prediction(
+                image_scores=torch.cat([p.image_scores for p in preds]),
+                anomaly_maps=torch.cat([p.anomaly_maps for p in preds]),
+                extras={k: torch.cat([p.extras[k] for p in preds]) for k in preds[0].extras}))
         out = Outputs(
-            scores=torch.cat(scores), labels=torch.cat(labels), maps=torch.cat(maps),
+            scores=final.image_scores, labels=torch.cat(labels), maps=final.anomaly_maps,
             masks=torch.cat(masks) if masks and split.has_masks else None,
             paths=paths, defect_types=defects, rotations=torch.cat([t.cpu() for t in turns]),
         )

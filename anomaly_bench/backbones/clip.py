@@ -24,6 +24,12 @@ random initialisation. Hub and local weights made for another size are interpola
 same way, by open_clip's ``resize_pos_embed`` (the class token's embedding kept, the
 patch grid resampled bicubically with antialiasing, as the official APRIL-GAN code
 does for ViT-L-14-336 at 518 px).
+
+``backbone.quick_gelu=true`` builds the towers with QuickGELU, the activation OpenAI's
+CLIP weights were trained with; ``false`` keeps the model config's own (GELU for
+``ViT-L-14-336``, which is how the official APRIL-GAN code builds it, so its published
+numbers come from GELU). The choice changes the features, so it is part of the weights
+tag (``+quick_gelu``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from anomaly_bench.backbones.base import Features
 from anomaly_bench.backbones.vit import TokenGridBackbone
 from anomaly_bench.backbones.weights import (
     hub_access,
@@ -57,14 +64,19 @@ def _open_clip():
 
 
 def create_clip_model(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                      seed: int, image_size: int | None) -> tuple[torch.nn.Module, str]:
-    """The open_clip model ``name`` and its weights tag (file, hub tag or seeded random)."""
+                      seed: int, image_size: int | None,
+                      quick_gelu: bool = False) -> tuple[torch.nn.Module, str]:
+    """The open_clip model ``name`` and its weights tag (file, hub tag or seeded random;
+    ``+quick_gelu`` when built with QuickGELU)."""
     open_clip = _open_clip()
     if name not in open_clip.list_models():
         raise ConfigError(f"backbone.name={name} is not an open_clip model (e.g. "
                           "ViT-B-16-plus-240, ViT-L-14-336).")
-    kwargs = {"force_image_size": image_size} if image_size else {}
-    tag = weights_tag(name, hub_tag, pretrained, weights, seed, kind="clip")
+    kwargs: dict = {"force_image_size": image_size} if image_size else {}
+    if quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    tag = weights_tag(name, hub_tag, pretrained, weights, seed, kind="clip",
+                      quick_gelu=quick_gelu)
     if pretrained and not weights:
         if not hub_tag:
             raise ConfigError(f"backbone.hub_tag names the pretrained weights of {name} "
@@ -97,10 +109,10 @@ class ClipBackbone(TokenGridBackbone):
 
     def __init__(self, name: str, blocks: Sequence[int], *, hub_tag: str | None = None,
                  pretrained: bool = True, weights: str | None = None, seed: int = 0,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, quick_gelu: bool = False) -> None:
         super().__init__()
         self.model, self.weights_tag = create_clip_model(name, hub_tag, pretrained, weights,
-                                                         seed, image_size)
+                                                         seed, image_size, quick_gelu)
         visual = self.model.visual
         self._select(blocks, len(visual.transformer.resblocks), f"{name}'s image tower")
         self.name = name
@@ -115,6 +127,8 @@ class ClipBackbone(TokenGridBackbone):
         patch = int(visual.patch_size[0])
         width = int(visual.transformer.width)
         self.grid = tuple(int(g) for g in visual.grid_size)
+        #: Dimension of the joint image-text space (what encode_text/encode_image return).
+        self.embed_dim = int(visual.output_dim)
         self.channels = {f"block{i}": width for i in self.selection}
         self.strides = {f"block{i}": patch for i in self.selection}
         self._tokenizer = _open_clip().get_tokenizer(name)
@@ -232,3 +246,23 @@ class ClipBackbone(TokenGridBackbone):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) L2-normalised joint-space embeddings of normalised images."""
         return F.normalize(self.model.encode_image(images).float(), dim=-1)
+
+    def features_and_embedding(self, images: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """The selected blocks' patch-token maps (as calling the backbone gives them) and
+        the (B, D) L2-normalised joint-space image embedding (as :meth:`encode_image`),
+        from one pass through the whole tower; with the feature cache attached the maps
+        come from the cache and the embedding from its own pass."""
+        if self.cache is not None:
+            return self(images), self.encode_image(images)
+        self._check_size(images)
+        out = self.model.visual.forward_intermediates(
+            images, indices=self.selection, output_fmt="NLC", intermediates_only=False,
+            stop_early=False, output_extra_tokens=True)
+        b, n = images.shape[0], self.fixed_size // self.strides[f"block{self.selection[0]}"]
+        # (B, h*w, C) tokens viewed as (B, C, h, w) in the channels-last layout, uncopied
+        maps = {f"block{i}": t.reshape(b, n, n, -1).permute(0, 3, 1, 2)
+                for i, t in zip(self.selection, out["image_intermediates"], strict=True)}
+        tokens = {f"block{i}": t[:, 0] for i, t in
+                  zip(self.selection, out["image_intermediates_prefix"], strict=True)}
+        return (Features(maps, class_tokens=tokens),
+                F.normalize(out["image_features"].float(), dim=-1))

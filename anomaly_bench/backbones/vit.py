@@ -29,6 +29,11 @@ from anomaly_bench.backbones.extractor import create_timm_model
 from anomaly_bench.errors import ConfigError
 
 
+def blocks_tag(selection: Sequence[int]) -> str:
+    """The ``layers`` tag of transformer blocks (0-based, sorted): ``blocks.5+blocks.11``."""
+    return "+".join(f"blocks.{i}" for i in selection)
+
+
 class TokenGridBackbone(Backbone):
     """A transformer whose selected blocks' patch tokens are maps ``{"block<i>": ...}``.
 
@@ -38,6 +43,7 @@ class TokenGridBackbone(Backbone):
     """
 
     selection: list[int]
+    n_blocks: int
 
     def _select(self, blocks: Sequence[int], n: int, what: str) -> None:
         picked = []
@@ -51,6 +57,7 @@ class TokenGridBackbone(Backbone):
         if not picked:
             raise ConfigError("layers.blocks is empty: name at least one transformer block.")
         self.selection = sorted(set(picked))
+        self.n_blocks = n
 
     @property
     def block_names(self) -> dict[str, str]:
@@ -58,7 +65,7 @@ class TokenGridBackbone(Backbone):
 
     @property
     def tag(self) -> str:
-        return "+".join(f"blocks.{i}" for i in self.selection)
+        return blocks_tag(self.selection)
 
     @abstractmethod
     def _intermediates(self, images: torch.Tensor, indices: list[int]

@@ -13,6 +13,10 @@ the runner and the same for every method:
    epochs with ``source.epoch(e)``). A trained method hands it to
    :func:`anomaly_bench.training.train` and owns its train/eval modes.
 3. ``predict(batch)``: image scores and anomaly maps per test batch.
+4. ``finish(prediction)``: the predictions of the tested category's whole test set,
+   concatenated, returned as final (the default returns them unchanged). A score formed
+   over the test set (APRIL-GAN's official few-shot image score) is computed here, from
+   what ``predict`` put in :attr:`~anomaly_bench.types.Prediction.extras`.
 
 The learning setting (:data:`LEARNING`, declared when the method registers) says what
 ``fit`` reads: ``one_class`` (the normal training images of the fitted categories),
@@ -135,6 +139,11 @@ class AnomalyMethod(nn.Module, ABC):
     @abstractmethod
     def predict(self, batch: Batch) -> Prediction:
         """Image scores (B,) and anomaly maps (B, H, W) at the batch's image size."""
+
+    def finish(self, prediction: Prediction) -> Prediction:
+        """The final scores and maps of a tested category from its whole test set's
+        predictions (``extras`` concatenated per key); the default changes nothing."""
+        return prediction
 
     @property
     def weights_tag(self) -> str:

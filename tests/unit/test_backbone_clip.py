@@ -224,3 +224,36 @@ def test_local_weights_of_another_size_are_interpolated_as_the_hub_path(tiny, tm
             assert torch.equal(v, saved[k]), k
     hub = open_clip.create_model(tiny, pretrained=str(path), force_image_size=96)
     assert torch.equal(hub.visual.positional_embedding, new)
+
+
+def test_one_pass_gives_the_block_maps_and_the_image_embedding(tiny):
+    """features_and_embedding = calling the backbone + encode_image, from one pass."""
+    bb = ClipBackbone(tiny, [0, 1], pretrained=False, seed=0)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    feats, embedding = bb.features_and_embedding(images)
+    plain = bb(images)
+    assert list(feats) == list(plain) == ["block0", "block1"]
+    for k in plain:
+        torch.testing.assert_close(feats[k], plain[k], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embedding, bb.encode_image(images), rtol=1e-5, atol=1e-5)
+    assert bb.embed_dim == embedding.shape[1] == 32 and bb.n_blocks == 3
+
+
+def test_quick_gelu_is_the_activation_and_part_of_the_weights_tag(tiny):
+    from open_clip.transformer import QuickGELU
+
+    from anomaly_bench.backbones.weights import weights_tag
+
+    gelu = ClipBackbone(tiny, [-1], pretrained=False, seed=0)
+    quick = ClipBackbone(tiny, [-1], pretrained=False, seed=0, quick_gelu=True)
+    act = [type(m) for m in quick.model.visual.transformer.resblocks[0].mlp.children()]
+    assert QuickGELU in act
+    assert QuickGELU not in [type(m) for m in gelu.model.visual.transformer.resblocks[0].mlp
+                             .children()]
+    assert (gelu.weights_tag, quick.weights_tag) == ("random(seed=0)",
+                                                     "random(seed=0)+quick_gelu")
+    assert quick.weights_tag == weights_tag(tiny, None, False, None, 0, kind="clip",
+                                            quick_gelu=True)  # what a run requests
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(gelu(images)["block2"], quick(images)["block2"])
+    assert gelu.backbone_id != quick.backbone_id  # cached features are kept apart

@@ -37,7 +37,8 @@ CLIP = {"name": "Tiny-CLIP-test", "kind": "clip", "hub_tag": None, "pretrained":
         "cache": {"enabled": False, "dir": "unused"}}
 #: Blocks of the transformer per method (texture kNN reads one block).
 VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4], "spade": [3, 6, 9]}
-CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2], "winclip": [1]}
+CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2], "aprilgan": [1, 2],
+               "winclip": [1]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
@@ -136,12 +137,13 @@ def test_method_contract(method, extra, kind, tmp_path):
 @pytest.mark.parametrize("method", available())
 def test_blur_border_reaches_the_maps(method, tmp_path):
     """``method.blur_border`` changes the maps near the image border only: ``reflect``
-    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default) does not."""
+    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default) does not.
+    (A method whose maps are unblurred by default is given the blur of the others.)"""
     kind = "clip" if method in CLIP_ONLY else "cnn"
-    blur = {"blur_sigma": 4.0} if method in CLIP_ONLY else {}  # they default to no blur
-    method_cfg, backbone, layers = _configs(method, {"blur_border": "reflect", **blur}, kind)
+    sigma = {"blur_sigma": 4.0}
+    method_cfg, backbone, layers = _configs(method, {"blur_border": "reflect", **sigma}, kind)
     assert build_method(method_cfg, backbone, layers, seed=0).blur_border == "reflect"
-    model = _fitted(method, tmp_path, blur or None, kind)
+    model = _fitted(method, tmp_path, sigma, kind)
     assert model.blur_border == "mirror"
     batch = _test_batch()
     mirror = model.predict(batch).anomaly_maps
