@@ -43,6 +43,7 @@ from anomaly_bench.errors import ConfigError
 from anomaly_bench.methods.base import AnomalyMethod, MethodContext, register
 from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.ops.blur import gaussian_blur
+from anomaly_bench.ops.knn import max_cosine
 from anomaly_bench.schema import Key
 from anomaly_bench.types import Batch, Prediction
 
@@ -90,7 +91,7 @@ class WinClip(AnomalyMethod):
         super().__init__()
         self.extractor = extractor
         self.patch_blocks = list(patch_blocks)
-        self.last = f"block{len(extractor.model.visual.transformer.resblocks) - 1}"
+        self.last = f"block{extractor.n_blocks - 1}"
         self.scales = [int(s) for s in scales]
         self.temperature = float(temperature)
         self.prompts = {k: list(v) for k, v in prompts.items()}
@@ -163,9 +164,9 @@ class WinClip(AnomalyMethod):
 
     @staticmethod
     def association(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """(B, N) min over the unit memory rows of (1 - cos) / 2, per unit query (B, N, C);
-        one image at a time (its N x memory product bounds the memory used)."""
-        return torch.stack([(1 - (q @ memory.T).amax(dim=1)) / 2 for q in queries])
+        """(B, N) min over the unit memory rows of (1 - cos) / 2, per unit query (B, N, C)
+        (chunked products: :func:`~anomaly_bench.ops.knn.max_cosine`)."""
+        return (1 - max_cosine(queries.flatten(0, 1), memory).view(queries.shape[:2])) / 2
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
@@ -228,7 +229,7 @@ def _build(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
     blocks = list(layers_cfg.get("blocks") or [-1])
     # the last block always runs: its class token is the image embedding
     extractor = build_extractor(backbone_cfg, {**layers_cfg, "blocks": [*blocks, -1]}, seed)
-    n = len(extractor.model.visual.transformer.resblocks)
+    n = extractor.n_blocks
     return WinClip(extractor, patch_blocks=[f"block{i}" for i in sorted({b % n for b in blocks})],
                    scales=scales, temperature=float(method_cfg["temperature"]),
                    prompts=method_cfg["prompts"], blur_sigma=float(method_cfg["blur_sigma"]),
