@@ -47,11 +47,18 @@ def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
          meta: Mapping[str, Any]) -> Path:
     """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry (and may hold
     :data:`OPTIONAL_META_KEYS`)."""
-    state = {k: v.detach().cpu() for k, v in method.fitted_state().items()}
+    return save_state(path, {k: v.detach().cpu() for k, v in method.fitted_state().items()},
+                      config, meta)
+
+
+def save_state(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+               meta: Mapping[str, Any]) -> Path:
+    """Write a fitted state (CPU tensors named as the method's ``fitted_state``) fitted
+    elsewhere, e.g. published adapters converted to this format, as :func:`save` does."""
     kept = (*META_KEYS, *(k for k in OPTIONAL_META_KEYS if k in meta))
     description = {"meta": {k: meta[k] for k in kept},
                    "config": {k: config[k] for k in MODEL_KEYS}}
-    return write_data(path, "model", description, state)
+    return write_data(path, "model", description, dict(state))
 
 
 def locate(checkpoint: str | os.PathLike | None, category: str | None,

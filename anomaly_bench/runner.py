@@ -61,7 +61,7 @@ from anomaly_bench.report.results import (
 )
 from anomaly_bench.runtime import PeakMemory, Stopwatch, resolve_device, seed_everything
 from anomaly_bench.schema import differences, validate
-from anomaly_bench.types import Batch, CategorySplit, SampleRecord
+from anomaly_bench.types import Batch, CategorySplit, Prediction, SampleRecord
 
 log = logging.getLogger("anomaly_bench")
 #: In-process memo budget (GiB) of a multirun job with ``memory_cache_gb=auto``.
@@ -599,7 +599,8 @@ class Runner:
                           mask_resample=filters["mask_resample"])
 
     def _batches(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
-                 desc: str, view: DrawnViews | None = None) -> Iterator[Batch]:
+                 desc: str, view: DrawnViews | None = None,
+                 batch_size: int | None = None) -> Iterator[Batch]:
         """Device batches of ``records``; through a training view, the view gives each
         image its final size (preprocessing then only normalises) and masks are not read."""
         transform = self.transform
@@ -607,7 +608,7 @@ class Runner:
             transform = dataclasses.replace(view, before=self.transform)
             preprocess = dataclasses.replace(preprocess, size=None, crop=None)
             with_masks = False
-        loader = make_loader(records, preprocess, int(self.cfg.batch_size),
+        loader = make_loader(records, preprocess, int(batch_size or self.cfg.batch_size),
                              int(self.cfg.num_workers), with_masks=with_masks,
                              transform_pil=transform)
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
@@ -617,8 +618,9 @@ class Runner:
                 method_cfg: dict[str, Any], augment: Any, name: str,
                 view: TrainView | None = None) -> TrainSource:
         """``records`` as a re-iterable source of device batches (seeded epochs, optional
-        validation split from the method's ``train`` group, its augmentation hook and
-        its training view; a view without a size takes the test images' size)."""
+        validation split and training batch size from the method's ``train`` group, its
+        augmentation hook and its training view; a view without a size takes the test
+        images' size)."""
         if view is not None and getattr(view, "size", 0) is None:
             side = preprocess.crop or preprocess.size
             if side is None:
@@ -627,11 +629,11 @@ class Runner:
                     "images' size, but resolution is native: set resolution.size (e.g. "
                     "resolution=paper) or the method's train_size.")
             view = dataclasses.replace(view, size=int(side))
+        train = method_cfg.get("train") or {}
         return TrainSource(
             records, lambda recs, what, view=None: self._batches(
-                recs, preprocess, with_masks, f"{what} {name}", view),
-            seed=int(self.cfg.seed),
-            val_fraction=float((method_cfg.get("train") or {}).get("val_fraction", 0.0)),
+                recs, preprocess, with_masks, f"{what} {name}", view, train.get("batch_size")),
+            seed=int(self.cfg.seed), val_fraction=float(train.get("val_fraction", 0.0)),
             augment=augment, view=view)
 
     def _references(self, method: AnomalyMethod, split: CategorySplit,
@@ -647,13 +649,11 @@ class Runner:
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
-        scores, labels, maps, masks, paths, defects, turns = [], [], [], [], [], [], []
+        preds, labels, masks, paths, defects, turns = [], [], [], [], [], []
         for batch in self._batches(split.test, preprocess, split.has_masks,
                                    f"test {split.category}"):
             with watch:
-                pred = method.predict(batch)
-            scores.append(pred.image_scores)
-            maps.append(pred.anomaly_maps)
+                preds.append(method.predict(batch))
             labels.append(batch.labels)
             if batch.masks is not None:
                 masks.append(batch.masks[:, 0] > 0.5)
@@ -661,8 +661,13 @@ class Runner:
             defects += batch.defect_types
             turns.append(batch.rotations if batch.rotations is not None
                          else torch.zeros(len(batch.paths), dtype=torch.long))
+        with watch:  # the method's step over the whole test set
+            final = method.finish(Prediction(
+                image_scores=torch.cat([p.image_scores for p in preds]),
+                anomaly_maps=torch.cat([p.anomaly_maps for p in preds]),
+                extras={k: torch.cat([p.extras[k] for p in preds]) for k in preds[0].extras}))
         out = Outputs(
-            scores=torch.cat(scores), labels=torch.cat(labels), maps=torch.cat(maps),
+            scores=final.image_scores, labels=torch.cat(labels), maps=final.anomaly_maps,
             masks=torch.cat(masks) if masks and split.has_masks else None,
             paths=paths, defect_types=defects, rotations=torch.cat([t.cpu() for t in turns]),
         )

@@ -119,7 +119,7 @@ TOP: dict[str, Any] = {
     "resolution": {"size": Key(int, lo=1, null=True), "crop": Key(int, lo=1, null=True)},
     "layers": {**{f"layer{i}": BLOCK for i in range(1, 5)}, "blocks": Key("any", null=True)},
     "backbone": {"name": Key(str), "kind": one_of("cnn", "vit", "clip"),
-                 "image_size": Key(int, lo=16, null=True),
+                 "image_size": Key(int, lo=16, null=True), "quick_gelu": Key(bool),
                  "hub_tag": Key(str, null=True), "pretrained": Key(bool),
                  "weights": Key(str, null=True), "weights_url": Key(str, null=True),
                  "mean": Key("any", null=True), "std": Key("any", null=True),

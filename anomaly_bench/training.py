@@ -57,6 +57,7 @@ TRAIN_SCHEMA: dict[str, Key] = {
     "amp": Key(bool),
     "checkpoint_every": Key(int, lo=0),
     "val_fraction": Key(float, lo=0, hi=0.9),
+    "batch_size": Key(int, lo=1, null=True),  # images per training step (null = batch_size)
 }
 
 

@@ -24,19 +24,26 @@ from collections.abc import Sequence
 
 import torch
 
-from anomaly_bench.backbones.base import Backbone
+from anomaly_bench.backbones.base import CLASS_TOKEN, Backbone
 from anomaly_bench.backbones.extractor import create_timm_model
 from anomaly_bench.errors import ConfigError
+
+
+def blocks_tag(selection: Sequence[int]) -> str:
+    """The ``layers`` tag of transformer blocks (0-based, sorted): ``blocks.5+blocks.11``."""
+    return "+".join(f"blocks.{i}" for i in selection)
 
 
 class TokenGridBackbone(Backbone):
     """A transformer whose selected blocks' patch tokens are maps ``{"block<i>": ...}``.
 
     Subclasses give ``_intermediates(images, indices)``: the blocks' patch tokens as
-    (B, C, h, w), prefix tokens dropped, the pass stopped after the last index.
+    (B, C, h, w), prefix tokens dropped, the pass stopped after the last index, and each
+    block's (B, C) class token when ``has_class_token``.
     """
 
     selection: list[int]
+    n_blocks: int
 
     def _select(self, blocks: Sequence[int], n: int, what: str) -> None:
         picked = []
@@ -50,6 +57,7 @@ class TokenGridBackbone(Backbone):
         if not picked:
             raise ConfigError("layers.blocks is empty: name at least one transformer block.")
         self.selection = sorted(set(picked))
+        self.n_blocks = n
 
     @property
     def block_names(self) -> dict[str, str]:
@@ -57,11 +65,13 @@ class TokenGridBackbone(Backbone):
 
     @property
     def tag(self) -> str:
-        return "+".join(f"blocks.{i}" for i in self.selection)
+        return blocks_tag(self.selection)
 
     @abstractmethod
-    def _intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        """The patch-token maps of blocks ``indices`` (in order)."""
+    def _intermediates(self, images: torch.Tensor, indices: list[int]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The patch-token maps of blocks ``indices`` (in order), and their class tokens
+        (None without ``has_class_token``)."""
 
     @abstractmethod
     def forward_kept(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -77,9 +87,12 @@ class TokenGridBackbone(Backbone):
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """Patch tokens of the selected blocks, or of every block up to the last selected."""
         indices = list(range(self.selection[-1] + 1)) if every_block else self.selection
-        maps = self._intermediates(images, indices)
-        return {f"blocks.{i}": m.contiguous(memory_format=torch.channels_last)
-                for i, m in zip(indices, maps, strict=True)}
+        maps, tokens = self._intermediates(images, indices)
+        out = {f"blocks.{i}": m.contiguous(memory_format=torch.channels_last)
+               for i, m in zip(indices, maps, strict=True)}
+        for i, t in zip(indices, tokens or [], strict=tokens is not None):
+            out[f"blocks.{i}{CLASS_TOKEN}"] = t[:, :, None, None]
+        return out
 
 
 class VitExtractor(TokenGridBackbone):
@@ -113,12 +126,19 @@ class VitExtractor(TokenGridBackbone):
         self.eval().requires_grad_(trainable)
         if getattr(model, "cls_token", None) is None:
             self._no_class = f"backbone {name} has no class token"
+        self.has_class_token = not self._no_class
 
     _no_class = ""
 
-    def _intermediates(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(images, indices=indices, output_fmt="NCHW",
-                                                intermediates_only=True, stop_early=True)
+    def _intermediates(self, images: torch.Tensor, indices: list[int]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        out = self.model.forward_intermediates(
+            images, indices=indices, output_fmt="NCHW", intermediates_only=True,
+            stop_early=True, return_prefix_tokens=self.has_class_token)
+        if not self.has_class_token:
+            return out, None
+        # (map, prefix tokens) per block; the class token leads the prefix (registers follow)
+        return [m for m, _ in out], [p[:, 0] for _, p in out]
 
     def forward_kept(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """See :meth:`TokenGridBackbone.forward_kept`: timm's embedding with its position

@@ -13,6 +13,10 @@ the runner and the same for every method:
    epochs with ``source.epoch(e)``). A trained method hands it to
    :func:`anomaly_bench.training.train` and owns its train/eval modes.
 3. ``predict(batch)``: image scores and anomaly maps per test batch.
+4. ``finish(prediction)``: the predictions of the tested category's whole test set,
+   concatenated, returned as final (the default returns them unchanged). A score formed
+   over the test set (APRIL-GAN's official few-shot image score) is computed here, from
+   what ``predict`` put in :attr:`~anomaly_bench.types.Prediction.extras`.
 
 The learning setting (:data:`LEARNING`, declared when the method registers) says what
 ``fit`` reads: ``one_class`` (the normal training images of the fitted categories),
@@ -173,6 +177,11 @@ class AnomalyMethod(nn.Module, ABC):
         return " + ".join([*tags[:1], *(f"{n}={t}" for n, t in zip(names[1:], tags[1:],
                                                                      strict=True))])
 
+    def finish(self, prediction: Prediction) -> Prediction:
+        """The final scores and maps of a tested category from its whole test set's
+        predictions (``extras`` concatenated per key); the default changes nothing."""
+        return prediction
+
     @property
     def weights_tag(self) -> str:
         """Which weights every backbone uses (recorded in every result row):
@@ -254,7 +263,7 @@ def requested_weights(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, 
     def tag(b: Mapping[str, Any]) -> str:
         return config_weights_tag(b["name"], b.get("hub_tag"), bool(b.get("pretrained", True)),
                                   b.get("weights"), seed, b.get("weights_url"),
-                                  b.get("kind", "cnn"))
+                                  b.get("kind", "cnn"), bool(b.get("quick_gelu", False)))
 
     roles = backbone_roles(method_cfg.get("name"))
     return " + ".join([tag(backbone_cfg),

@@ -47,9 +47,10 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
             )
         if kind == "clip":
             common.pop("shared")
-            extractor: Backbone = ClipBackbone(backbone_cfg["name"], list(blocks or []),
-                                               image_size=backbone_cfg.get("image_size"),
-                                               **common)
+            extractor: Backbone = ClipBackbone(
+                backbone_cfg["name"], list(blocks or []),
+                image_size=backbone_cfg.get("image_size"),
+                quick_gelu=bool(backbone_cfg.get("quick_gelu", False)), **common)
         else:
             extractor = VitExtractor(
                 backbone_cfg["name"], list(blocks or []), url=backbone_cfg.get("weights_url"),

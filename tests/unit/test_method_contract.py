@@ -38,13 +38,18 @@ CLIP = {"name": "Tiny-CLIP-test", "kind": "clip", "hub_tag": None, "pretrained":
         "cache": {"enabled": False, "dir": "unused"}}
 #: Blocks of the transformer per method (texture kNN reads one block).
 VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4], "spade": [3, 6, 9]}
-CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2]}
+CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2], "aprilgan": [1, 2],
+               "winclip": [1]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
+#: Methods that need a CLIP backbone (their YAML selects one): run on the tiny CLIP only.
+CLIP_ONLY = {m for m in available()
+             if compose_config([f"method={m}"]).backbone.get("kind") == "clip"}
 #: The backbone kind a method is tested on when it cannot take a CNN (MMR trains a ViT
-#: encoder), and the overrides that make it small (one epoch, a ResNet-18 teacher).
-KIND = {"mmr": "vit"}
+#: encoder, the CLIP methods need a CLIP tower), and the overrides that make it small
+#: (one epoch, a ResNet-18 teacher).
+KIND = {"mmr": "vit", **{m: "clip" for m in CLIP_ONLY}}
 OVERRIDES = {"mmr": ["method.teacher=resnet18", "method.epochs=1", "backbone.pretrained=false"]}
 
 
@@ -95,9 +100,10 @@ def _test_batch() -> Batch:
     return next(_batches([SampleRecord(Path(f"{100 + i}.png"), 0) for i in range(3)], "test"))
 
 
-CASES = ([(m, None, KIND.get(m, "cnn")) for m in available()]
+CASES = ([(m, None, KIND.get(m, "cnn")) for m in available() if m not in CLIP_ONLY]
          + [("texture_knn", {"mode": "many_shot"}, "cnn")]
-         + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS])
+         + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS]
+         + [("winclip", {"k_shot": 2}, "clip")])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,7 +112,7 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize(("method", "extra", "kind"), CASES,
-                         ids=[f"{m}-{k}" if e is None else f"{m}-{e['mode']}-{k}"
+                         ids=[f"{m}-{k}" if e is None else f"{m}-{next(iter(e.values()))}-{k}"
                               for m, e, k in CASES])
 def test_method_contract(method, extra, kind, tmp_path):
     model = _fitted(method, tmp_path, extra, kind)
@@ -128,6 +134,7 @@ def test_method_contract(method, extra, kind, tmp_path):
     path = checkpoint.save(tmp_path / "model.pt", model, config, meta)
     payload = checkpoint.load(path)
     restored = checkpoint.restore(payload, path, backbone, payload["config"]["method"]).eval()
+    restored.setup(model.context)  # as the runner does before each tested category
     again = restored.predict(batch)
     assert torch.equal(again.image_scores, pred.image_scores)
     assert torch.equal(again.anomaly_maps, pred.anomaly_maps)
@@ -137,12 +144,14 @@ def test_method_contract(method, extra, kind, tmp_path):
 def test_blur_border_reaches_the_maps(method, tmp_path):
     """``method.blur_border`` changes the maps near the image border only: ``reflect``
     (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default but for MMR,
-    whose official code blurs with scipy) does not."""
+    whose official code blurs with scipy) does not. (A method whose maps are unblurred by
+    default is given the blur of the others.)"""
     kind = KIND.get(method, "cnn")
-    model = _fitted(method, tmp_path, None, kind)
+    sigma = {"blur_sigma": 4.0}
+    model = _fitted(method, tmp_path, sigma, kind)
     default = model.blur_border
     other = "reflect" if default == "mirror" else "mirror"
-    method_cfg, backbone, layers = _configs(method, {"blur_border": other}, kind)
+    method_cfg, backbone, layers = _configs(method, {"blur_border": other, **sigma}, kind)
     assert build_method(method_cfg, backbone, layers, seed=0).blur_border == other
     assert default == ("reflect" if method == "mmr" else "mirror")
     batch = _test_batch()
