@@ -6,10 +6,10 @@ the method, backbone, weights, layers, resolution, dataset and category; ``stage
 refuses a checkpoint whose description differs from the requested run, naming both values.
 
 The file holds only what fitting produced (a Gaussian per position, a memory bank,
-trained adapters), never the frozen backbone: ``stage=test`` builds the backbone from the
-run's config and weights (the same weights, checked by their tag) and reproduces the
-scores exactly. A PaDiM or PatchCore model of ResNet-18 is then megabytes, not the
-network's 45 MB on top.
+trained adapters, a trained backbone such as MMR's encoder), never a frozen backbone:
+``stage=test`` builds the backbone from the run's config and weights (the same weights,
+checked by their tag) and reproduces the scores exactly. A PaDiM or PatchCore model of
+ResNet-18 is then megabytes, not the network's 45 MB on top.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import torch
 from anomaly_bench.datafile import read_data, write_data
 from anomaly_bench.errors import CheckpointError
 from anomaly_bench.methods import (
+    NEUTRAL_BACKBONE_KEYS,
     AnomalyMethod,
     build_method,
+    comparable,
     keys_at_test,
     load_fitted_state,
     method_defaults,
@@ -39,19 +41,24 @@ META_KEYS = ("method", "backbone", "weights", "layers", "resolution", "dataset",
              "seed")
 #: Recorded when known: the categories whose images the model learned from.
 OPTIONAL_META_KEYS = ("categories",)
-#: Backbone keys that change no value a method computes (where features are cached, ...).
-_NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights", "precision")
 
 
 def save(path: Path, method: AnomalyMethod, config: Mapping[str, Any],
          meta: Mapping[str, Any]) -> Path:
     """Write the fitted state; ``meta`` holds every :data:`META_KEYS` entry (and may hold
     :data:`OPTIONAL_META_KEYS`)."""
-    state = {k: v.detach().cpu() for k, v in method.fitted_state().items()}
+    return save_state(path, {k: v.detach().cpu() for k, v in method.fitted_state().items()},
+                      config, meta)
+
+
+def save_state(path: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+               meta: Mapping[str, Any]) -> Path:
+    """Write a fitted state (CPU tensors named as the method's ``fitted_state``) fitted
+    elsewhere, e.g. published adapters converted to this format, as :func:`save` does."""
     kept = (*META_KEYS, *(k for k in OPTIONAL_META_KEYS if k in meta))
     description = {"meta": {k: meta[k] for k in kept},
                    "config": {k: config[k] for k in MODEL_KEYS}}
-    return write_data(path, "model", description, state)
+    return write_data(path, "model", description, dict(state))
 
 
 def locate(checkpoint: str | os.PathLike | None, category: str | None,
@@ -129,11 +136,11 @@ def check_matches(payload: Mapping[str, Any], path: Path, config: Mapping[str, A
 
     def model(groups: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         backbone = {k: v for k, v in groups["backbone"].items()
-                    if k not in _NEUTRAL_BACKBONE_KEYS}
+                    if k not in NEUTRAL_BACKBONE_KEYS}
         method = dict(groups["method"])
         if method.get("name") == name:  # a key added since the file was written: its default
             method = {**method_defaults(name), **method}  # is what the model was fitted with
-            method = {k: v for k, v in method.items() if k not in at_test}
+            method = comparable({k: v for k, v in method.items() if k not in at_test})
         keys = ("weights",) + (() if allow_other_dataset else ("dataset",)) + (
             () if allow_other_category or allow_other_dataset else ("category",))
         return {**{k: groups[k] for k in MODEL_KEYS}, "method": method, "backbone": backbone,

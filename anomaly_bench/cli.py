@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from anomaly_bench import sweep  # registers ${job_dir:} in every process a job runs in
 from anomaly_bench.allocator import reuse_freed_memory
-from anomaly_bench.configs import composer, config_dir
+from anomaly_bench.configs import composer, config_dir, friendly_overrides
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import WriteError, describe, refuse_link, write_error
 
@@ -195,6 +195,7 @@ def _check_launcher_overrides(argv: list[str]) -> None:
 def main() -> None:
     """Console-script entry point."""
     reuse_freed_memory()
+    sys.argv[1:] = friendly_overrides(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     _ignore_file_size_signal()
     # a log line that cannot be written (the disk the error is about) stays silent rather

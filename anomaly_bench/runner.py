@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from anomaly_bench import checkpoint, footprint, memo_budget
-from anomaly_bench.backbones.weights import weights_tag
 from anomaly_bench.data import (
     Preprocess,
     denormalize,
@@ -35,6 +34,7 @@ from anomaly_bench.data import (
     resolve_root,
 )
 from anomaly_bench.data.source import TrainSource
+from anomaly_bench.data.views import DrawnViews, TrainView
 from anomaly_bench.errors import AnomalyBenchError, ConfigError, OutputError
 from anomaly_bench.fsutil import atomic_open, describe
 from anomaly_bench.memo import MEMO, file_stamp
@@ -42,9 +42,11 @@ from anomaly_bench.methods import (
     AnomalyMethod,
     MethodContext,
     build_method,
+    comparable,
     learning_of,
     method_defaults,
     method_schema,
+    requested_weights,
 )
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
 from anomaly_bench.paths import check_name, inside
@@ -66,7 +68,7 @@ from anomaly_bench.runtime import (
     seed_everything,
 )
 from anomaly_bench.schema import differences, validate
-from anomaly_bench.types import Batch, CategorySplit, SampleRecord
+from anomaly_bench.types import Batch, CategorySplit, Prediction, SampleRecord
 
 log = logging.getLogger("anomaly_bench")
 #: Per category: the resolved configuration its results.csv row stands for.
@@ -288,7 +290,8 @@ class Runner:
         if cfg.stage == "test":
             return Fitted(method, weights, preprocess, None, None, 0.0)
         source = self._source(records, preprocess, learning == "auxiliary", model_cfg["method"],
-                              getattr(method, "augment", None), name)
+                              getattr(method, "augment", None), name,
+                              getattr(method, "train_view", None))
         method.setup(MethodContext(
             dataset=dataset, category=name, class_name="" if whole else self._words(name),
             references=None, device=self.device, seed=int(cfg.seed), out_dir=out_dir,
@@ -333,6 +336,7 @@ class Runner:
             model["backbone"].pop(key, None)
         if model["backbone"].get("precision") == "fp32":  # the default, as rows before it
             model["backbone"].pop("precision")
+        model["method"] = comparable(model["method"])
         dataset = {k: v for k, v in _plain(cfg, "dataset").items()
                    if k not in ("category", "root", "dirnames")}
         ckpt = None
@@ -346,12 +350,11 @@ class Runner:
                 "category": category, "stage": str(cfg.stage), "checkpoint": ckpt}
 
     def requested_weights(self) -> str:
-        """The weights tag the backbone config asks for (hashes a local weights file once)."""
+        """The weights tag of every backbone the config asks for (hashes a local weights
+        file once)."""
         if self._weights is None:
-            b = self.cfg.backbone
-            self._weights = weights_tag(b.name, b.get("hub_tag"), bool(b.pretrained),
-                                        b.get("weights"), int(self.cfg.seed),
-                                        b.get("weights_url"), b.get("kind", "cnn"))
+            self._weights = requested_weights(_plain(self.cfg, "method"),
+                                              _plain(self.cfg, "backbone"), int(self.cfg.seed))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:
@@ -530,8 +533,8 @@ class Runner:
         ``fit_records``, then testing each split of ``tested`` in turn. The input size is
         the crop or resize, or at native resolution the largest image header."""
         cfg = self.cfg
-        extractor = getattr(method, "extractor", None)
-        if extractor is None:
+        backbones = method.backbones()
+        if not backbones:
             return
         side = preprocess.crop or preprocess.size
         if side is not None:
@@ -542,7 +545,10 @@ class Runner:
             if not sizes:
                 return
             w, h = max(sizes, key=lambda s: s[0] * s[1])
-        shapes = footprint.feature_shapes(extractor.channels, extractor.strides, (h, w))
+        shapes = {}  # every backbone's features (several: prefixed with their role)
+        for i, (role, bb) in enumerate(backbones.items()):
+            own = footprint.feature_shapes(bb.channels, bb.strides, (h, w))
+            shapes.update(own if i == 0 else {f"{role}.{k}": v for k, v in own.items()})
         n_fit = len(fit_records)
         n_test = max((len(s.test) for s in tested), default=0)
         fp = footprint.estimate(shapes, (h, w), int(cfg.batch_size),
@@ -551,6 +557,7 @@ class Runner:
         if self._memo_auto:  # the memo of a sweep job: its own work, its share of the host
             images = {r.image_path for r in fit_records} | {r.image_path for s in tested
                                                             for r in s.test + s.train}
+            extractor = next(iter(backbones.values()))  # the one reading the input
             memo = memo_budget.auto(len(images), (h, w), extractor.stored_blocks(),
                                     extractor.cache is not None, fp.method, fp.total,
                                     len(extractor.channels))
@@ -562,7 +569,8 @@ class Runner:
         footprint.check(fp, self.device, {
             "inputs": f"for one batch of batch_size={cfg.batch_size} images of {w}x{h} px "
                       f"(resolution.size={size}, resolution.crop={crop})",
-            "features": f"for the backbone features of that batch ({extractor.tag}: layers.*)",
+            "features": f"for the backbone features of that batch ({method.layers_tag}: "
+                        "layers.*)",
             "method": f"for what {method.name} holds while fitting on {n_fit} images "
                       "(method.* keys)",
             "maps": f"for the anomaly maps of the {n_test} test images at {w}x{h} px",
@@ -616,24 +624,43 @@ class Runner:
                           mask_resample=filters["mask_resample"])
 
     def _batches(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
-                 desc: str) -> Iterator[Batch]:
-        loader = make_loader(records, preprocess, int(self.cfg.batch_size),
+                 desc: str, view: DrawnViews | None = None,
+                 batch_size: int | None = None) -> Iterator[Batch]:
+        """Device batches of ``records``; through a training view, the view gives each
+        image its final size (preprocessing then only normalises) and masks are not read."""
+        transform = self.transform
+        if view is not None:
+            transform = dataclasses.replace(view, before=self.transform)
+            preprocess = dataclasses.replace(preprocess, size=None, crop=None)
+            with_masks = False
+        loader = make_loader(records, preprocess, int(batch_size or self.cfg.batch_size),
                              self.num_workers, with_masks=with_masks,
-                             transform_pil=self.transform,
+                             transform_pil=transform,
                              pin_memory=self.device.type == "cuda")
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
             yield batch.to(self.device)
 
     def _source(self, records: list[SampleRecord], preprocess: Preprocess, with_masks: bool,
-                method_cfg: dict[str, Any], augment: Any, name: str) -> TrainSource:
+                method_cfg: dict[str, Any], augment: Any, name: str,
+                view: TrainView | None = None) -> TrainSource:
         """``records`` as a re-iterable source of device batches (seeded epochs, optional
-        validation split from the method's ``train`` group, its augmentation hook)."""
+        validation split and training batch size from the method's ``train`` group, its
+        augmentation hook and its training view; a view without a size takes the test
+        images' size)."""
+        if view is not None and getattr(view, "size", 0) is None:
+            side = preprocess.crop or preprocess.size
+            if side is None:
+                raise ConfigError(
+                    f"method={method_cfg.get('name')} crops its training images to the test "
+                    "images' size, but resolution is native: set resolution.size (e.g. "
+                    "resolution=paper) or the method's train_size.")
+            view = dataclasses.replace(view, size=int(side))
+        train = method_cfg.get("train") or {}
         return TrainSource(
-            records, lambda recs, what: self._batches(recs, preprocess, with_masks,
-                                                      f"{what} {name}"),
-            seed=int(self.cfg.seed),
-            val_fraction=float((method_cfg.get("train") or {}).get("val_fraction", 0.0)),
-            augment=augment)
+            records, lambda recs, what, view=None: self._batches(
+                recs, preprocess, with_masks, f"{what} {name}", view, train.get("batch_size")),
+            seed=int(self.cfg.seed), val_fraction=float(train.get("val_fraction", 0.0)),
+            augment=augment, view=view)
 
     def _references(self, method: AnomalyMethod, split: CategorySplit,
                     preprocess: Preprocess) -> TrainSource | None:
@@ -648,13 +675,11 @@ class Runner:
     def _predict(self, method: AnomalyMethod, split: CategorySplit,
                  preprocess: Preprocess) -> tuple[Outputs, float]:
         watch = Stopwatch(self.device)
-        scores, labels, maps, masks, paths, defects, turns = [], [], [], [], [], [], []
+        preds, labels, masks, paths, defects, turns = [], [], [], [], [], []
         for batch in self._batches(split.test, preprocess, split.has_masks,
                                    f"test {split.category}"):
             with watch:
-                pred = method.predict(batch)
-            scores.append(pred.image_scores)
-            maps.append(pred.anomaly_maps)
+                preds.append(method.predict(batch))
             labels.append(batch.labels)
             if batch.masks is not None:
                 masks.append(batch.masks[:, 0] > 0.5)
@@ -662,8 +687,13 @@ class Runner:
             defects += batch.defect_types
             turns.append(batch.rotations if batch.rotations is not None
                          else torch.zeros(len(batch.paths), dtype=torch.long))
+        with watch:  # the method's step over the whole test set
+            final = method.finish(Prediction(
+                image_scores=torch.cat([p.image_scores for p in preds]),
+                anomaly_maps=torch.cat([p.anomaly_maps for p in preds]),
+                extras={k: torch.cat([p.extras[k] for p in preds]) for k in preds[0].extras}))
         out = Outputs(
-            scores=torch.cat(scores), labels=torch.cat(labels), maps=torch.cat(maps),
+            scores=final.image_scores, labels=torch.cat(labels), maps=final.anomaly_maps,
             masks=torch.cat(masks) if masks and split.has_masks else None,
             paths=paths, defect_types=defects, rotations=torch.cat([t.cpu() for t in turns]),
         )

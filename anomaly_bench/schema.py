@@ -24,8 +24,8 @@ class Key:
     """What one key may hold: a kind, optional bounds or choices, and whether null is allowed.
 
     ``kind`` is ``int``, ``float``, ``bool``, ``str``, ``"names"`` (a name or a list of
-    names) or ``"any"``. ``lo``/``hi`` are inclusive bounds, ``above`` an exclusive lower
-    bound; ``choices`` are the allowed values (besides the kind, e.g. ``auto``).
+    names) or ``"any"``. ``lo``/``hi`` are inclusive bounds, ``above``/``below`` exclusive
+    ones; ``choices`` are the allowed values (besides the kind, e.g. ``auto``).
     """
 
     kind: Any
@@ -33,6 +33,7 @@ class Key:
     lo: float | None = None
     hi: float | None = None
     above: float | None = None
+    below: float | None = None
     choices: tuple = ()
 
     def allowed(self) -> str:
@@ -50,6 +51,8 @@ class Key:
                 bounds.append(f">= {self.lo:g}")
             if self.hi is not None:
                 bounds.append(f"<= {self.hi:g}")
+            if self.below is not None:
+                bounds.append(f"< {self.below:g}")
             if bounds:
                 text += " " + " and ".join(bounds)
             if self.choices:
@@ -80,7 +83,8 @@ class Key:
         if not math.isfinite(value):
             return False
         return ((self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
-                and (self.above is None or value > self.above))
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below))
 
 
 def _in(value: Any, choices: tuple) -> bool:
@@ -110,11 +114,12 @@ TOP: dict[str, Any] = {
     "memory_cache_gb": Key(float, lo=0, choices=("auto",)),
     "plots": {"enabled": Key(bool), "max_overlays": Key(int, lo=0)},
     "summary": {"metric": Key(str), "default": Key("any"), "order": one_of("rank", "sweep"),
-                "columns": Key("names", null=True), "label": Key(str, null=True)},
+                "columns": Key("names", null=True), "label": Key(str, null=True),
+                "subset_tables": Key("names", null=True)},
     "resolution": {"size": Key(int, lo=1, null=True), "crop": Key(int, lo=1, null=True)},
     "layers": {**{f"layer{i}": BLOCK for i in range(1, 5)}, "blocks": Key("any", null=True)},
     "backbone": {"name": Key(str), "kind": one_of("cnn", "vit", "clip"),
-                 "image_size": Key(int, lo=16, null=True),
+                 "image_size": Key(int, lo=16, null=True), "quick_gelu": Key(bool),
                  "hub_tag": Key(str, null=True), "pretrained": Key(bool),
                  "weights": Key(str, null=True), "weights_url": Key(str, null=True),
                  "mean": Key("any", null=True), "std": Key("any", null=True),

@@ -4,12 +4,13 @@ A trained method (MMR's masked reconstruction, APRIL-GAN's adapters) implements
 ``training_step(batch) -> loss`` and ``trainable_parameters()``; its ``fit`` hands the
 training source to :func:`train`, which owns everything around the step: the optimiser
 and learning-rate schedule named by the method's ``train`` config group, optional mixed
-precision, a progress bar with the running loss, and a training state written every
-``checkpoint_every`` epochs (and at the end) holding the trained tensors, optimiser,
-scheduler, epoch and random-generator states. With ``resume`` an interrupted training
-continues from that state to the same final weights as an uninterrupted one: each epoch's
-order and augmentation are drawn from generators seeded by (seed, epoch), and the global
-generators are restored as they were at the end of the saved epoch.
+precision, a progress bar with each epoch's loss, learning rate and images per second,
+and a training state written every ``checkpoint_every`` epochs (and at the end) holding
+the trained tensors, optimiser, scheduler, epoch and random-generator states. With
+``resume`` an interrupted training continues from that state to the same final weights as
+an uninterrupted one: each epoch's order and augmentation are drawn from generators
+seeded by (seed, epoch), and the global generators are restored as they were at the end
+of the saved epoch.
 
 The state file is data, never code (see :mod:`anomaly_bench.datafile`): tensors,
 numbers, strings and containers, loaded with ``weights_only=True`` and checked against
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +48,16 @@ TRAIN_SCHEMA: dict[str, Key] = {
     "betas": Key("any"),
     "momentum": Key(float, lo=0, hi=1),
     "weight_decay": Key(float, lo=0),
+    "decay_1d": Key(bool),
     "schedule": one_of("constant", "cosine", "multistep"),
     "warmup_epochs": Key(int, lo=0),
+    "warmup_from_zero": Key(bool),
     "milestones": Key("any"),
     "gamma": Key(float, above=0, hi=1),
     "amp": Key(bool),
     "checkpoint_every": Key(int, lo=0),
     "val_fraction": Key(float, lo=0, hi=0.9),
+    "batch_size": Key(int, lo=1, null=True),  # images per training step (null = batch_size)
 }
 
 
@@ -66,8 +71,10 @@ class TrainSettings:
     betas: tuple[float, float]
     momentum: float
     weight_decay: float
+    decay_1d: bool
     schedule: str
     warmup_epochs: int
+    warmup_from_zero: bool
     milestones: tuple[int, ...]
     gamma: float
     amp: bool
@@ -79,7 +86,9 @@ class TrainSettings:
             epochs=int(cfg["epochs"]), optimizer=str(cfg["optimizer"]), lr=float(cfg["lr"]),
             betas=tuple(float(b) for b in cfg["betas"]),  # type: ignore[arg-type]
             momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight_decay"]),
-            schedule=str(cfg["schedule"]), warmup_epochs=int(cfg["warmup_epochs"]),
+            decay_1d=bool(cfg["decay_1d"]), schedule=str(cfg["schedule"]),
+            warmup_epochs=int(cfg["warmup_epochs"]),
+            warmup_from_zero=bool(cfg["warmup_from_zero"]),
             milestones=tuple(int(m) for m in cfg["milestones"]), gamma=float(cfg["gamma"]),
             amp=bool(cfg["amp"]), checkpoint_every=int(cfg["checkpoint_every"]),
         )
@@ -107,8 +116,21 @@ class EpochSource(Protocol):
         ...
 
 
-def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
-    """The optimiser named by ``s.optimizer`` over ``params``."""
+def parameter_groups(named: list[tuple[str, nn.Parameter]], s: TrainSettings) -> list[dict]:
+    """The optimiser's parameter groups: one, or with ``decay_1d=false`` a second without
+    weight decay for the 1-D parameters and biases (timm's ``param_groups_weight_decay``,
+    which MAE and MMR use; a class or mask token of shape (1, 1, C) is decayed)."""
+    if s.decay_1d:
+        return [{"params": [p for _, p in named]}]
+    plain = [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")]
+    ids = {id(p) for p in plain}
+    return [{"params": plain, "weight_decay": 0.0},
+            {"params": [p for _, p in named if id(p) not in ids]}]
+
+
+def make_optimizer(params: list[nn.Parameter] | list[dict],
+                   s: TrainSettings) -> torch.optim.Optimizer:
+    """The optimiser named by ``s.optimizer`` over ``params`` (or parameter groups)."""
     if s.optimizer == "adam":
         return torch.optim.Adam(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     if s.optimizer == "adamw":
@@ -119,12 +141,13 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings) -> torch.optim.
 def lr_factor(epoch: int, s: TrainSettings) -> float:
     """Multiplier of the base learning rate during ``epoch`` (0-based).
 
-    A linear warm-up over ``warmup_epochs`` (MMR: 50 of 200), then constant, a cosine
-    decay to zero at the last epoch, or a step decay by ``gamma`` at each milestone
-    (MMR: lr/10 at 120 and 160).
+    A linear warm-up over ``warmup_epochs`` (MMR: 50 of 200; from lr 0 in the first
+    epoch with ``warmup_from_zero``, as MAE's and MMR's code), then constant, a cosine
+    decay to zero at the last epoch, or a step decay by ``gamma`` from each 0-based
+    milestone epoch (MMR: lr/10 from 119 and 159, its epochs 120 and 160).
     """
     if epoch < s.warmup_epochs:
-        return (epoch + 1) / s.warmup_epochs
+        return (epoch + int(not s.warmup_from_zero)) / s.warmup_epochs
     if s.schedule == "cosine":
         span = max(s.epochs - s.warmup_epochs, 1)
         return 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
@@ -160,11 +183,13 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- the loop
 def _trained_state(method: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The entries of ``method.state_dict()`` that training changes."""
+    """The entries of ``method.state_dict()`` that training changes: the optimised
+    parameters and the floating-point buffers outside the frozen backbones."""
     ids = {id(p) for p in params}
+    frozen = set(getattr(method, "frozen", ()))
     return {k: v.detach().cpu().clone() for k, v in method.state_dict(keep_vars=True).items()
             if id(v) in ids or (not isinstance(v, nn.Parameter) and v.dtype.is_floating_point
-                                and not k.startswith("extractor."))}
+                                and k.split(".", 1)[0] not in frozen)}
 
 
 def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
@@ -180,7 +205,9 @@ def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
     params = [p for p in method.trainable_parameters() if p.requires_grad]  # type: ignore[attr-defined]
     if not params:
         raise CheckpointError(f"{type(method).__name__} has no trainable parameters.")
-    optimizer = make_optimizer(params, settings)
+    names = {id(p): n for n, p in method.named_parameters()}
+    optimizer = make_optimizer(parameter_groups([(names.get(id(p), ""), p) for p in params],
+                                                settings), settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, settings))
     use_amp = settings.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -203,8 +230,10 @@ def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
                initial=start, total=settings.epochs)
     for epoch in bar:
         total = torch.zeros((), device=device)
-        count = 0
+        count = images = 0
+        started = time.perf_counter()
         for batch in source.epoch(epoch):
+            images += len(batch.paths)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = method.training_step(batch)  # type: ignore[attr-defined]
@@ -215,7 +244,9 @@ def train(method: nn.Module, source: EpochSource, settings: TrainSettings,
             count += 1
         schedule.step()
         losses.append(float(total) / max(count, 1))  # one sync per epoch
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        rate = images / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{optimizer.param_groups[-1]['lr']:.3g}",
+                        img_s=f"{rate:.3g}")
         last = epoch == settings.epochs - 1
         every = settings.checkpoint_every
         if state_path is not None and (last or (every and (epoch + 1) % every == 0)):

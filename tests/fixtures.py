@@ -165,6 +165,22 @@ def write_aebad_s(root: Path, domains: Sequence[str] = ("same", "background",
     return root
 
 
+def write_aebad_v(root: Path, videos: Sequence[str] = ("video1", "video2", "video3"),
+                  size: tuple[int, int] = (SIZE, SIZE)) -> Path:
+    """AeBAD-V: ``AeBAD_V/{train/good/<sub>/*.jpg, test/<video>/<good|anomaly>/*.jpg}``, no
+    masks."""
+    cat = root / "AeBAD_V"
+    for s, sub in enumerate(("sub1", "sub2")):
+        for i in range(3):
+            write_image(cat / "train" / "good" / sub / f"{i:03d}.jpg", 10 * s + i, size)
+    for v, video in enumerate(videos):
+        for i in range(2):
+            write_image(cat / "test" / video / "good" / f"{i:03d}.jpg", 100 + 10 * v + i, size)
+            write_image(cat / "test" / video / "anomaly" / f"{i:03d}.jpg", 200 + 10 * v + i,
+                        size)
+    return root
+
+
 def write_visa(root: Path, categories: Sequence[str] = ("candle", "pcb1")) -> Path:
     """VisA: ``<cat>/Data/Images/{Normal,Anomaly}``, ``<cat>/Data/Masks/Anomaly`` and the
     one-class split file ``split_csv/1cls.csv``."""
@@ -187,7 +203,7 @@ def write_visa(root: Path, categories: Sequence[str] = ("candle", "pcb1")) -> Pa
 
 WRITERS: dict[str, Callable[..., Path]] = {
     "mvtec": write_mvtec, "btad": write_btad, "mpdd": write_mpdd, "folder": write_folder,
-    "stc": write_stc, "aebad_s": write_aebad_s, "visa": write_visa,
+    "stc": write_stc, "aebad_s": write_aebad_s, "aebad_v": write_aebad_v, "visa": write_visa,
 }
 
 
@@ -195,10 +211,10 @@ def compose_config(overrides: Sequence[str] = ()):
     """The run config ``anomaly-bench`` would compose from ``overrides`` (a DictConfig)."""
     from hydra import compose, initialize_config_dir
 
-    from anomaly_bench.configs import config_dir
+    from anomaly_bench.configs import config_dir, friendly_overrides
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=friendly_overrides(list(overrides)))
 
 
 #: A small CLIP architecture (ViT image tower of 3 blocks, width 48, 64 px; 2 text blocks).

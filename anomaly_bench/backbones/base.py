@@ -8,12 +8,22 @@ its own input normalisation (``mean``, ``std``) and its preferred input size
 (``input_size``), which preprocessing uses. Methods see only features; whether they came
 from the network or from the feature cache is decided here, not in the method maths.
 
+A backbone is frozen (eval mode, no gradients) unless its method builds it ``trainable``
+(MMR's encoder): a trainable one follows ``train()``/``eval()``, its parameters take
+gradients, and it never uses the feature cache (its outputs change as it learns), so
+attaching one is an error.
+
+A transformer with a class token (``has_class_token``) also gives, per selected block,
+that block's class token beside its patch-token map (:attr:`Features.class_tokens`, the
+raw residual stream as the map is): APRIL-GAN and WinCLIP score the image from it.
+
 A subclass implements ``_run(images, every_block)`` (the selected blocks, or every block
-its forward pass runs, by block name) and ``block_names`` (feature name -> block name).
-With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, a batch is served
-from the cache when every image has every selected block; otherwise the network runs
-every block it passes through and all of them are stored, so later jobs selecting other
-blocks read them too.
+its forward pass runs, by block name; a block's class token as a (B, C, 1, 1) entry
+named ``<block>`` + :data:`CLASS_TOKEN`) and ``block_names`` (feature name -> block
+name). With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, a batch is
+served from the cache when every image has every selected block (and class token);
+otherwise the network runs every block it passes through and all of them are stored, so
+later jobs selecting other blocks read them too.
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.cache import FeatureCache, image_key
+from anomaly_bench.errors import ConfigError
 from anomaly_bench.memo import Derived, known
 
 #: ImageNet's input statistics: the normalisation of timm's CNNs, MAE and most ViTs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Suffix of a block's class-token entry among ``_run``'s outputs and in the cache.
+CLASS_TOKEN = ".cls"
 
 
 class Features(dict):
@@ -39,12 +52,16 @@ class Features(dict):
     the content key of every image) when they came through the feature cache, else it is
     absent. :meth:`lazy` hands a block to :func:`~anomaly_bench.memo.derive` with that
     key, so what a method derives from it is memoised across the jobs of a sweep.
+    ``class_tokens[name]``: the (B, C) class token of that block, where the backbone has
+    one (empty otherwise).
     """
 
     def __init__(self, blocks: Mapping[str, torch.Tensor],
-                 sources: Mapping[str, tuple] | None = None) -> None:
+                 sources: Mapping[str, tuple] | None = None,
+                 class_tokens: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(blocks)
         self.sources: dict[str, tuple] = dict(sources or {})
+        self.class_tokens: dict[str, torch.Tensor] = dict(class_tokens or {})
 
     def lazy(self, name: str) -> Derived[torch.Tensor]:
         """Block ``name`` as an input of :func:`~anomaly_bench.memo.derive`, keyed by its
@@ -53,7 +70,7 @@ class Features(dict):
 
 
 class Backbone(nn.Module):
-    """A frozen feature extractor; see the module docstring for what it promises."""
+    """A feature extractor, frozen unless built trainable; see the module docstring."""
 
     kind: str = ""
     name: str = ""
@@ -65,6 +82,10 @@ class Backbone(nn.Module):
     channels: dict[str, int]
     strides: dict[str, int]
     cache: FeatureCache | None = None
+    #: Built to be trained by its method (MMR's encoder); False = frozen.
+    trainable: bool = False
+    #: Every block has a class token, given in :attr:`Features.class_tokens`.
+    has_class_token: bool = False
 
     @property
     @abstractmethod
@@ -108,32 +129,45 @@ class Backbone(nn.Module):
         image (what a run for the cache computes); by default the selected blocks."""
         return {n: (self.channels[f], self.strides[f]) for f, n in self.block_names.items()}
 
-    def train(self, mode: bool = True) -> Backbone:  # frozen: normalisation stays in eval
-        return super().train(False)
+    def train(self, mode: bool = True) -> Backbone:
+        """A frozen backbone stays in eval mode (normalisation statistics never move)."""
+        return super().train(mode and self.trainable)
 
     def attach_cache(self, cache: FeatureCache | None) -> None:
         """Serve and store block outputs through ``cache`` (None detaches)."""
+        if cache is not None and self.trainable:
+            raise ConfigError(
+                f"backbone {self.name} is trained by its method, so its outputs change with "
+                "every step and cannot come from the feature cache: set "
+                "backbone.cache.enabled=false for it."
+            )
         self.cache = cache
 
     def forward(self, images: torch.Tensor) -> Features:
         selected = self.block_names
         if self.cache is None:
-            blocks = self._blocks(images, every_block=False)
-            return Features({f: blocks[b] for f, b in selected.items()})
+            return self._features(self._blocks(images, every_block=False), selected)
         keys = [image_key(img) for img in images]
-        names = list(selected.values())
         h, w = images.shape[-2:]
         shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
         for f, n in selected.items():
             st = self.strides[f]
             exact = h % st == 0 and w % st == 0
             shapes[n] = (self.channels[f], h // st if exact else None, w // st if exact else None)
-        hit = self.cache.load(keys, names, shapes)
+            if self.has_class_token:
+                shapes[n + CLASS_TOKEN] = (self.channels[f], 1, 1)
+        hit = self.cache.load(keys, list(shapes), shapes)
         if hit is None:
             blocks = self._blocks(images, every_block=True)
             self.cache.store(keys, blocks)
-            hit = {n: blocks[n] for n in names}
+            hit = {n: blocks[n] for n in shapes}
         origin = (str(self.cache.dir), tuple(keys))
-        return Features({f: hit[n].to(images.device, non_blocking=True)
-                         for f, n in selected.items()},
-                        {f: (*origin, n) for f, n in selected.items()})
+        hit = {n: t.to(images.device, non_blocking=True) for n, t in hit.items()}
+        return self._features(hit, selected, {f: (*origin, n) for f, n in selected.items()})
+
+    def _features(self, blocks: Mapping[str, torch.Tensor], selected: Mapping[str, str],
+                  sources: Mapping[str, tuple] | None = None) -> Features:
+        """The selected blocks' maps (and class tokens) of ``_run``'s or the cache's output."""
+        tokens = ({f: blocks[n + CLASS_TOKEN].flatten(1) for f, n in selected.items()}
+                  if self.has_class_token else None)
+        return Features({f: blocks[n] for f, n in selected.items()}, sources, tokens)

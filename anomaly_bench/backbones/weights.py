@@ -39,14 +39,22 @@ def file_tag(path: Path) -> str:
 
 
 def weights_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
-                seed: int, url: str | None = None, kind: str = "cnn") -> str:
+                seed: int, url: str | None = None, kind: str = "cnn",
+                quick_gelu: bool = False) -> str:
     """The tag of the weights a backbone config asks for, without loading them.
 
     ``file:<name>#<sha256 start>`` for a local file (it wins), ``url:<file name>`` for
     weights published at a URL (MAE's), ``timm:<name>.<hub tag>`` for timm hub weights
     (``open_clip:<name>.<tag>`` for a CLIP backbone), ``random(seed=N)`` for a seeded
-    random initialisation.
+    random initialisation. ``+quick_gelu`` follows when a CLIP tower runs with QuickGELU
+    (``backbone.quick_gelu``): the same weights compute other features with it.
     """
+    return _source_tag(name, hub_tag, pretrained, weights, seed, url, kind) + (
+        "+quick_gelu" if quick_gelu else "")
+
+
+def _source_tag(name: str, hub_tag: str | None, pretrained: bool, weights: str | None,
+                seed: int, url: str | None, kind: str) -> str:
     if weights:
         return file_tag(Path(weights).expanduser())
     if pretrained and url:

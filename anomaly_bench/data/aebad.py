@@ -1,4 +1,5 @@
-"""AeBAD-S (Zhang et al., 2023): aero-engine blades, tested under four domain shifts.
+"""AeBAD (Zhang et al., 2023): aero-engine blades. AeBAD-S: single blades tested under four
+domain shifts; AeBAD-V: frames of three videos, labelled per frame (:class:`AeBADVLayout`).
 
 As published, one category ``AeBAD_S``::
 
@@ -76,3 +77,60 @@ class AeBADSLayout:
         present = tuple(d for d in DOMAINS if any(r.subset == d for r in test))
         return CategorySplit(dataset=self.name, category=category, root=Path(root),
                              train=train, test=test, has_masks=True, subsets=present)
+
+
+V_CATEGORY = "AeBAD_V"
+VIDEOS = ("video1", "video2", "video3")
+
+
+@register_layout
+class AeBADVLayout:
+    """AeBAD-V: frames of three test videos, labelled per frame only.
+
+    As published, one category ``AeBAD_V``::
+
+        AeBAD_V/train/good/<sub-folder>/*.jpg
+        AeBAD_V/test/<video1|video2|video3>/<good|anomaly type>/*.jpg
+
+    Each video is a named test subset (a row per video besides the whole). There are no
+    pixel masks, so pixel AUROC and the PROs are undefined (empty in results.csv).
+    """
+
+    name = "aebad_v"
+    title = "AeBAD-V"
+    expected = (
+        f"<root>/{V_CATEGORY}/train/good/<sub-folder>/*.jpg and "
+        f"<root>/{V_CATEGORY}/test/<{'|'.join(VIDEOS)}>/<good|anomaly type>/*.jpg."
+    )
+
+    def categories(self, root: Path) -> list[str]:
+        return [V_CATEGORY] if (Path(root) / V_CATEGORY / "train" / "good").is_dir() else []
+
+    def split(self, root: Path, category: str) -> CategorySplit:
+        folder = Path(root) / check_name(category, "dataset.category")
+        good = folder / "train" / "good"
+        if category != V_CATEGORY or not good.is_dir():
+            raise DataError(f"{self.title} category '{category}' not found under {root}: "
+                            f"expected {Path(root) / V_CATEGORY / 'train' / 'good'}. "
+                            f"Expected layout: {self.expected}")
+        train = [SampleRecord(p, NORMAL, "good")
+                 for sub in list_subdirs(good, "training sub-folders")
+                 for p in list_images(good / sub, "training images")]
+        if not train:
+            raise DataError(f"No training frames under {good}: expected "
+                            f"{good}/<sub-folder>/*.jpg.")
+        test: list[SampleRecord] = []
+        for video in list_subdirs(folder / "test", "video folders"):
+            if video not in VIDEOS:
+                raise DataError(f"{folder / 'test' / video} is not an {self.title} video "
+                                f"folder: expected {names(VIDEOS)}.")
+            for kind in list_subdirs(folder / "test" / video, "label folders"):
+                label = NORMAL if kind == "good" else ANOMALOUS
+                test += [SampleRecord(p, label, kind, subset=video)
+                         for p in list_images(folder / "test" / video / kind, "test frames")]
+        if not test:
+            raise DataError(f"No test frames under {folder / 'test'}. Expected layout: "
+                            f"{self.expected}")
+        present = tuple(v for v in VIDEOS if any(r.subset == v for r in test))
+        return CategorySplit(dataset=self.name, category=category, root=Path(root),
+                             train=train, test=test, has_masks=False, subsets=present)

@@ -4,7 +4,9 @@ A frozen-feature method reads its training set once, in dataset order: ``iter(so
 A trained method reads it once per epoch: ``source.epoch(e)`` visits the same images in
 an order drawn from a generator seeded by (seed, e), and passes each batch through the
 ``augment`` hook with that generator, so epoch ``e`` is the same whether the training
-ran straight through or was resumed before it. ``val_fraction`` holds out a seeded part
+ran straight through or was resumed before it. A ``view`` (a random geometry the method
+sees its training images through, :mod:`anomaly_bench.data.views`) is drawn from the same
+generator, per image, and applied as each image is read. ``val_fraction`` holds out a seeded part
 of the images (``source.validation()``), which the epochs never see. ``choose(k)`` is a
 seeded choice of ``k`` images (the references of a few-shot method).
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from anomaly_bench.data.views import DrawnViews, TrainView
 from anomaly_bench.errors import ConfigError
 from anomaly_bench.types import Batch, SampleRecord
 
@@ -24,6 +27,8 @@ from anomaly_bench.types import Batch, SampleRecord
 BatchMaker = Callable[[list[SampleRecord], str], Iterator[Batch]]
 #: ``augment(batch, generator)``: a training batch transformed with draws from generator.
 Augment = Callable[[Batch, torch.Generator], Batch]
+#: ``batches(records, what, view=...)``: with a view, the images of ``records`` are read
+#: through it (:class:`~anomaly_bench.data.views.DrawnViews`).
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -41,6 +46,7 @@ class TrainSource:
     seed: int = 0
     val_fraction: float = 0.0
     augment: Augment | None = None
+    view: TrainView | None = None
     train_records: list[SampleRecord] = field(init=False)
     val_records: list[SampleRecord] = field(init=False)
 
@@ -64,7 +70,17 @@ class TrainSource:
         """Epoch ``index`` (0-based): a seeded order and seeded augmentation."""
         gen = _generator(self.seed, index)
         order = torch.randperm(len(self.train_records), generator=gen).tolist()
-        for batch in self.batches([self.train_records[i] for i in order], f"epoch {index + 1}"):
+        records = [self.train_records[i] for i in order]
+        what = f"epoch {index + 1}"
+        if self.view is None:
+            batches = self.batches(records, what)
+        else:
+            draws = torch.rand(len(records), self.view.n_draws, generator=gen,
+                               dtype=torch.float64).tolist()
+            batches = self.batches(records, what,  # type: ignore[call-arg]
+                                   view=DrawnViews(self.view, dict(zip(records, draws,
+                                                                       strict=True))))
+        for batch in batches:
             yield self.augment(batch, gen) if self.augment is not None else batch
 
     def validation(self) -> Iterator[Batch]:
@@ -81,4 +97,4 @@ class TrainSource:
         pick = sorted(torch.randperm(len(self.train_records),
                                      generator=_generator(self.seed, -2))[:k].tolist())
         return TrainSource([self.train_records[i] for i in pick], self.batches, self.seed,
-                           0.0, self.augment)
+                           0.0, self.augment, self.view)

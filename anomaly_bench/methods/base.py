@@ -13,6 +13,10 @@ the runner and the same for every method:
    epochs with ``source.epoch(e)``). A trained method hands it to
    :func:`anomaly_bench.training.train` and owns its train/eval modes.
 3. ``predict(batch)``: image scores and anomaly maps per test batch.
+4. ``finish(prediction)``: the predictions of the tested category's whole test set,
+   concatenated, returned as final (the default returns them unchanged). A score formed
+   over the test set (APRIL-GAN's official few-shot image score) is computed here, from
+   what ``predict`` put in :attr:`~anomaly_bench.types.Prediction.extras`.
 
 The learning setting (:data:`LEARNING`, declared when the method registers) says what
 ``fit`` reads: ``one_class`` (the normal training images of the fitted categories),
@@ -25,6 +29,14 @@ act only at test time (``k_shot``, ...) are declared too: a checkpoint is not ch
 against them and takes them from the run. The fitted state travels through
 ``state_dict`` / :func:`load_fitted_state`. Nothing in the runner depends on which method
 it is.
+
+A method holds one backbone or several (MMR: a trained encoder and a frozen teacher), as
+submodules that are :class:`~anomaly_bench.backbones.base.Backbone` instances. The first
+one built reads the input (its normalisation and input size are the preprocessing's); it
+comes from the ``backbone`` group, every further one from a backbone group under the
+method's own config (``method.teacher``), declared as a role when the method registers.
+The ``weights`` and ``layers`` columns name each of them (``<first> + <role>=<tag>``),
+and checkpoints leave out exactly the frozen ones.
 """
 from __future__ import annotations
 
@@ -37,13 +49,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from anomaly_bench.backbones.weights import weights_tag as config_weights_tag
 from anomaly_bench.configs import option_values
 from anomaly_bench.data.loading import IMAGE_FILTERS, MASK_FILTERS
 from anomaly_bench.data.source import TrainSource
 from anomaly_bench.errors import CheckpointError, ConfigError
 from anomaly_bench.ops.blur import BORDERS
-from anomaly_bench.schema import Key, Schema, one_of
+from anomaly_bench.schema import TOP, Key, Schema, one_of
 from anomaly_bench.types import Batch, Prediction
 
 Config = Mapping[str, Any]
@@ -53,6 +66,10 @@ _REGISTRY: dict[str, MethodFactory] = {}
 _SCHEMAS: dict[str, Schema] = {}
 _LEARNING: dict[str, Learning] = {}
 _TEST_TIME: dict[str, tuple[str, ...]] = {}
+_ROLES: dict[str, tuple[str, ...]] = {}
+#: Backbone keys that change no value a method computes (where features are cached, ...);
+#: ``pretrained`` and ``weights`` are compared through the weights tag instead.
+NEUTRAL_BACKBONE_KEYS = ("cache", "shared", "truncate", "pretrained", "weights", "precision")
 #: Keys every method group has: the blur of its anomaly maps (sigma and border convention,
 #: see :mod:`anomaly_bench.ops.blur`) and the paper's preprocessing (``resolution=paper``
 #: reads ``input_size`` and ``input_crop``; the resampling filters apply at any resolution).
@@ -106,12 +123,21 @@ class AnomalyMethod(nn.Module, ABC):
     #: Few-shot references of the tested category in the context before its predictions
     #: (``method.k_shot``; 0 = none).
     k_shot: int = 0
-    #: Submodules that are never fitted (the frozen backbone): checkpoints leave them out
-    #: and ``stage=test`` rebuilds them from the backbone config and its weights.
-    frozen: tuple[str, ...] = ("extractor",)
     #: True when the method models each feature position (PaDiM): every image of a
     #: category must then give the same feature grid.
     fixed_grid: bool = False
+
+    def backbones(self) -> dict[str, Backbone]:
+        """The method's backbones by attribute name, in the order they were built (the
+        first reads the input)."""
+        return {n: m for n, m in self.named_children() if isinstance(m, Backbone)}
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Submodules that are never fitted (the backbones not built trainable):
+        checkpoints leave them out and ``stage=test`` rebuilds them from their config and
+        weights. A trained backbone is part of the fitted state."""
+        return tuple(n for n, b in self.backbones().items() if not b.trainable)
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
         """What fitting produced: ``state_dict`` without the :attr:`frozen` submodules."""
@@ -144,34 +170,50 @@ class AnomalyMethod(nn.Module, ABC):
         (:mod:`anomaly_bench.footprint`)."""
         return 0
 
+    def _tags(self, what: str) -> str:
+        """``<first> + <name>=<tag> ...`` of attribute ``what`` over the backbones."""
+        tags = [str(getattr(b, what, "")) for b in self.backbones().values()]
+        names = list(self.backbones())
+        return " + ".join([*tags[:1], *(f"{n}={t}" for n, t in zip(names[1:], tags[1:],
+                                                                     strict=True))])
+
+    def finish(self, prediction: Prediction) -> Prediction:
+        """The final scores and maps of a tested category from its whole test set's
+        predictions (``extras`` concatenated per key); the default changes nothing."""
+        return prediction
+
     @property
     def weights_tag(self) -> str:
-        """Which backbone weights the method uses (recorded in every result row)."""
-        extractor = getattr(self, "extractor", None)
-        return getattr(extractor, "weights_tag", "")
+        """Which weights every backbone uses (recorded in every result row):
+        ``<input backbone's tag> + <role>=<tag>`` with several."""
+        return self._tags("weights_tag")
 
     @property
     def layers_tag(self) -> str:
-        """Which backbone blocks the method uses, e.g. ``layer1.2+layer2.3+layer3.5``."""
-        extractor = getattr(self, "extractor", None)
-        return getattr(extractor, "tag", "")
+        """Which blocks the backbones use, e.g. ``layer1.2+layer2.3+layer3.5`` (with
+        several: ``blocks.11 + teacher=layer1.2+layer2.3+layer3.5``)."""
+        return self._tags("tag")
 
     @property
     def required_input_size(self) -> int | None:
-        """The only input size the backbone takes (a CLIP tower), or None when any works."""
-        return getattr(getattr(self, "extractor", None), "fixed_size", None)
+        """The only input size a backbone takes (a CLIP tower), or None when any works."""
+        sizes = [b.fixed_size for b in self.backbones().values()
+                 if getattr(b, "fixed_size", None) is not None]
+        return sizes[0] if sizes else None
 
     @property
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the backbone expects its input normalised with (preprocessing uses
-        them: ImageNet statistics for the CNNs, CLIP's own for a CLIP tower)."""
-        extractor = getattr(self, "extractor", None)
-        return (tuple(getattr(extractor, "mean", IMAGENET_MEAN)),
-                tuple(getattr(extractor, "std", IMAGENET_STD)))
+        """(mean, std) the input backbone expects its input normalised with (preprocessing
+        uses them: ImageNet statistics for the CNNs, CLIP's own for a CLIP tower). A method
+        whose other backbones expect other statistics converts for them."""
+        first = next(iter(self.backbones().values()), None)
+        return (tuple(getattr(first, "mean", IMAGENET_MEAN)),
+                tuple(getattr(first, "std", IMAGENET_STD)))
 
 
 def register(name: str, schema: Schema, *, learning: Learning = "one_class",
-             test_time: tuple[str, ...] = ()) -> Callable[[MethodFactory], MethodFactory]:
+             test_time: tuple[str, ...] = (),
+             roles: tuple[str, ...] = ()) -> Callable[[MethodFactory], MethodFactory]:
     """Decorator registering ``factory(method_cfg, backbone_cfg, layers_cfg, seed)``.
 
     ``schema`` declares the method's own keys of the ``method`` group (types and ranges,
@@ -179,12 +221,15 @@ def register(name: str, schema: Schema, *, learning: Learning = "one_class",
     its learning setting (:data:`LEARNING`), or a function of its config when a key
     chooses it. ``test_time`` names keys that act only at test time (``k_shot``, ...):
     a checkpoint is neither checked against them nor restored with its own values.
+    ``roles`` name the method's keys that are backbone groups besides ``backbone`` (MMR:
+    ``teacher``); each is checked like the ``backbone`` group.
     """
     def deco(factory: MethodFactory) -> MethodFactory:
         _REGISTRY[name] = factory
-        _SCHEMAS[name] = {**COMMON_KEYS, **schema}
+        _SCHEMAS[name] = {**COMMON_KEYS, **schema, **{r: TOP["backbone"] for r in roles}}
         _LEARNING[name] = learning
         _TEST_TIME[name] = tuple(test_time)
+        _ROLES[name] = tuple(roles)
         return factory
 
     return deco
@@ -203,6 +248,45 @@ def learning_of(method_cfg: Mapping[str, Any]) -> str:
 def keys_at_test(name: str) -> tuple[str, ...]:
     """Keys of method ``name`` that act only at test time."""
     return _TEST_TIME[_known(name)]
+
+
+def backbone_roles(name: str) -> tuple[str, ...]:
+    """Keys of method ``name`` that are backbone groups (besides the ``backbone`` group)."""
+    return _ROLES[_known(name)]
+
+
+def requested_weights(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
+                      seed: int) -> str:
+    """The ``weights`` tag of every backbone the config asks for, without building any
+    (hashes local weights files): equal to the built method's :attr:`~AnomalyMethod.
+    weights_tag`."""
+    def tag(b: Mapping[str, Any]) -> str:
+        return config_weights_tag(b["name"], b.get("hub_tag"), bool(b.get("pretrained", True)),
+                                  b.get("weights"), seed, b.get("weights_url"),
+                                  b.get("kind", "cnn"), bool(b.get("quick_gelu", False)))
+
+    roles = backbone_roles(method_cfg.get("name"))
+    return " + ".join([tag(backbone_cfg),
+                       *(f"{r}={tag(role_config(method_cfg, backbone_cfg, r))}" for r in roles)])
+
+
+def role_config(method_cfg: Mapping[str, Any], backbone_cfg: Mapping[str, Any],
+                role: str) -> dict[str, Any]:
+    """The backbone group of ``role`` as built: ``backbone.pretrained=false`` makes every
+    network of the run seeded-random, this one too (a weights file still wins)."""
+    cfg = dict(method_cfg[role])
+    cfg["pretrained"] = (bool(cfg.get("pretrained", True))
+                         and bool(backbone_cfg.get("pretrained", True)))
+    return cfg
+
+
+def comparable(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The method config without what changes no computed value in its backbone roles
+    (cache, truncation; their weights are compared through the weights tag)."""
+    roles = backbone_roles(method_cfg.get("name"))
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in NEUTRAL_BACKBONE_KEYS}
+                if k in roles and isinstance(v, Mapping) else v)
+            for k, v in method_cfg.items()}
 
 
 def _known(name: Any) -> str:

@@ -17,8 +17,9 @@ from anomaly_bench.ops.blur import gaussian_blur
 
 
 def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, Any],
-                    seed: int) -> Backbone:
-    """The frozen backbone described by the ``backbone`` and ``layers`` config groups.
+                    seed: int, trainable: bool = False) -> Backbone:
+    """The backbone described by a backbone config group and its layers, frozen unless
+    ``trainable`` (a ViT its method trains: MMR's encoder).
 
     ``backbone.kind`` picks the implementation: ``cnn`` (timm ResNets, blocks chosen per
     stage by ``layers.layer1`` .. ``layer4``), ``vit`` (timm ViTs and the MAE encoder) or
@@ -27,6 +28,9 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
     any image is read.
     """
     kind = backbone_cfg.get("kind", "cnn")
+    if trainable and kind != "vit":
+        raise ConfigError(f"backbone {backbone_cfg['name']} (kind={kind}) cannot be trained "
+                          "here: trained backbones are timm ViTs (kind=vit).")
     stages = {k: v for k, v in layers_cfg.items() if k.startswith("layer")}
     blocks = layers_cfg.get("blocks")
     common = {"hub_tag": backbone_cfg.get("hub_tag"),
@@ -43,13 +47,15 @@ def build_extractor(backbone_cfg: Mapping[str, Any], layers_cfg: Mapping[str, An
             )
         if kind == "clip":
             common.pop("shared")
-            extractor: Backbone = ClipBackbone(backbone_cfg["name"], list(blocks or []),
-                                               image_size=backbone_cfg.get("image_size"),
-                                               **common)
+            extractor: Backbone = ClipBackbone(
+                backbone_cfg["name"], list(blocks or []),
+                image_size=backbone_cfg.get("image_size"),
+                quick_gelu=bool(backbone_cfg.get("quick_gelu", False)), **common)
         else:
             extractor = VitExtractor(
                 backbone_cfg["name"], list(blocks or []), url=backbone_cfg.get("weights_url"),
-                mean=backbone_cfg.get("mean"), std=backbone_cfg.get("std"), **common)
+                mean=backbone_cfg.get("mean"), std=backbone_cfg.get("std"), trainable=trainable,
+                **common)
     elif kind == "cnn":
         if blocks:
             raise ConfigError(

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from anomaly_bench.metrics.roc import _has_nan, area_from_counts, binary_labels
+from anomaly_bench.metrics.roc import _has_nan, binary_labels
 from anomaly_bench.metrics.sorting import kth_smallest, sort_desc
 
-__all__ = ["aupro", "label_regions", "pixel_metrics", "pro_curve"]
+__all__ = ["Counts", "Regions", "aupro", "aupro_of", "counts_of", "label_regions", "pro_curve",
+           "regions_of"]
 
 # 8-connectivity inside each image and none across the stack: only the middle slice of the
 # 3x3x3 structure is set, so one scipy call labels all masks with ids unique in the stack.
@@ -59,13 +60,15 @@ def label_regions(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @dataclass
-class _Counts:
+class Counts:
     """Cumulative counts at each distinct score, highest first (last pixel of each tie run).
 
-    ``fp``/``tp``: defect-free / defect pixels at or above the score; ``overlap``: summed
-    per-region overlap (1/|region| per pixel). float64.
+    ``values``: the distinct scores (descending, the maps' dtype); ``fp``/``tp``: defect-free
+    / defect pixels at or above the score; ``overlap``: summed per-region overlap
+    (1/|region| per pixel). Counts are float64.
     """
 
+    values: torch.Tensor
     fp: torch.Tensor
     tp: torch.Tensor
     overlap: torch.Tensor
@@ -77,15 +80,18 @@ class _Counts:
         return self.fp / self.n_normal, self.overlap / self.n_regions
 
 
-def _counts(anomaly_maps: torch.Tensor, masks: torch.Tensor,
-            fpr_limit: float | None = None) -> _Counts:
-    """Counts over all pixels of the stack from one descending sort.
+@dataclass
+class Regions:
+    """Maps (N, H, W, floating point) and the region ids of their masks (int32, 0 for
+    defect-free pixels, 1..n_regions, unique across the stack), on the maps' device."""
 
-    With ``fpr_limit`` only the pixels scoring at least as high as the k-th highest normal
-    pixel are sorted, k = floor(fpr_limit * #normal) + 2: that set is an exact prefix of the
-    full sorted order and ends past the first point with FPR > fpr_limit, so the curve up to
-    the limit (and its interpolation point) is unchanged while the sort is ~3x smaller.
-    """
+    maps: torch.Tensor
+    ids: torch.Tensor
+    n_regions: int
+
+
+def regions_of(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> Regions:
+    """Maps and masks checked for shape, the masks labelled once (8-connected regions)."""
     maps = _stack(anomaly_maps, "anomaly_maps")
     m = binary_labels(_stack(masks, "masks")).to(maps.device)
     if maps.shape != m.shape:
@@ -94,7 +100,19 @@ def _counts(anomaly_maps: torch.Tensor, masks: torch.Tensor,
     if not maps.is_floating_point():
         maps = maps.double()
     ids, n_regions = _label(m)
-    ids, scores = ids.reshape(-1), maps.reshape(-1)
+    return Regions(maps, ids, n_regions)
+
+
+def counts_of(regions: Regions, fpr_limit: float | None = None) -> Counts:
+    """Counts over all pixels of the stack from one descending sort.
+
+    With ``fpr_limit`` only the pixels scoring at least as high as the k-th highest normal
+    pixel are sorted, k = floor(fpr_limit * #normal) + 2: that set is an exact prefix of the
+    full sorted order and ends past the first point with FPR > fpr_limit, so the curve up to
+    the limit (and its interpolation point) is unchanged while the sort is ~3x smaller.
+    """
+    n_regions = regions.n_regions
+    ids, scores = regions.ids.reshape(-1), regions.maps.reshape(-1)
     sizes = torch.bincount(ids, minlength=n_regions + 1).to(torch.float64)
     n_normal = int(sizes[0])
     # Overlap added by one pixel: 1/|region|; defect-free pixels count as FP instead.
@@ -111,11 +129,13 @@ def _counts(anomaly_maps: torch.Tensor, masks: torch.Tensor,
     sorted_scores, sorted_ids = sort_desc(scores, ids)
     last = torch.ones_like(sorted_scores, dtype=torch.bool)
     last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    del sorted_scores
     ends = last.nonzero().squeeze(1)
+    values = sorted_scores[ends]
+    del sorted_scores
     overlap = torch.cumsum(weight[sorted_ids], 0)[ends]
     fp = torch.cumsum(sorted_ids == 0, 0, dtype=torch.float64)[ends]
-    return _Counts(fp, (ends + 1).to(torch.float64) - fp, overlap, n_regions, n_normal)
+    return Counts(values, fp, (ends + 1).to(torch.float64) - fp, overlap, n_regions,
+                   n_normal)
 
 
 def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +146,10 @@ def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Te
     when the masks hold no region (PRO) or no defect-free pixel (FPR); :func:`aupro` then
     returns None.
     """
-    maps = _stack(anomaly_maps, "anomaly_maps")
-    if _has_nan(maps):
+    regions = regions_of(anomaly_maps, masks)
+    if _has_nan(regions.maps):
         raise ValueError("pro_curve: anomaly_maps contain NaN")
-    return _close_curve(*_counts(maps, masks).pro_points())
+    return _close_curve(*counts_of(regions).pro_points())
 
 
 def _close_curve(fpr: torch.Tensor, pro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +184,13 @@ def aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps = _stack(anomaly_maps, "anomaly_maps")
-    if maps.numel() == 0 or _has_nan(maps):
+    regions = regions_of(anomaly_maps, masks)
+    if regions.maps.numel() == 0 or _has_nan(regions.maps):
         return None
-    return _aupro_of(_counts(maps, masks, fpr_limit), fpr_limit)
+    return aupro_of(counts_of(regions, fpr_limit), fpr_limit)
 
 
-def _aupro_of(counts: _Counts, fpr_limit: float) -> float | None:
+def aupro_of(counts: Counts, fpr_limit: float) -> float | None:
     if counts.n_regions == 0 or counts.n_normal == 0:
         return None
     fpr, pro = counts.pro_points()
@@ -179,19 +199,3 @@ def _aupro_of(counts: _Counts, fpr_limit: float) -> float | None:
     fpr, pro = _close_curve(fpr[:keep], pro[:keep])
     value = float(_trapezoid_to(fpr, pro, fpr_limit)) / fpr_limit
     return min(max(value, 0.0), 1.0)
-
-
-def pixel_metrics(anomaly_maps: torch.Tensor, masks: torch.Tensor,
-                  fpr_limit: float = 0.3) -> tuple[float | None, float | None]:
-    """(pixel AUROC, AUPRO) from one sort of all pixels: the same values as
-    :func:`~anomaly_bench.metrics.roc.auroc` and :func:`aupro` computed separately.
-
-    Defect pixels are the positives of the pixel ROC; None where a metric is undefined.
-    """
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    maps = _stack(anomaly_maps, "anomaly_maps")
-    if maps.numel() == 0 or _has_nan(maps):
-        return None, None
-    counts = _counts(maps, masks)
-    return area_from_counts(counts.fp, counts.tp), _aupro_of(counts, fpr_limit)

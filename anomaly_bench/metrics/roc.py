@@ -1,6 +1,6 @@
-"""ROC curve, AUROC and F1-max in pure torch, matching scikit-learn.
+"""ROC curve, AUROC, F1-max and average precision in pure torch, matching scikit-learn.
 
-All three share one descending sort of the scores followed by a cumulative count of
+All of them share one descending sort of the scores followed by a cumulative count of
 positives, so they run in O(N log N) on whatever device the scores live on (pixel AUROC
 pools millions of pixels). Ties are collapsed to one point per distinct score, keeping
 the last position of each run of equal scores, exactly as ``sklearn.metrics`` does.
@@ -17,7 +17,8 @@ from anomaly_bench.metrics.sorting import sort_desc
 
 log = logging.getLogger("anomaly_bench")
 
-__all__ = ["auroc", "binary_labels", "f1_max", "roc_curve"]
+__all__ = ["ap_from_counts", "area_from_counts", "auroc", "average_precision", "binary_labels",
+           "f1_from_counts", "f1_max", "roc_curve"]
 
 
 def binary_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -117,9 +118,41 @@ def f1_max(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     s, y = _flatten(scores, labels)
     if s.numel() == 0 or _has_nan(s):
         return None
-    fps, tps, _ = _tie_counts(s, y)
+    return f1_from_counts(*_tie_counts(s, y)[:2])
+
+
+def f1_from_counts(fps: torch.Tensor, tps: torch.Tensor) -> float | None:
+    """F1-max from cumulative counts at each distinct score (as :func:`area_from_counts`
+    takes them); None when there is no positive."""
     n_pos = tps[-1]
     if float(n_pos) == 0:
         return None
     f1 = 2.0 * tps / (tps + fps + n_pos)
     return min(max(float(f1.max()), 0.0), 1.0)
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Average precision as ``sklearn.metrics.average_precision_score``: the sum over
+    distinct scores (ties form one threshold) of (R_n - R_{n-1}) P_n, no interpolation.
+
+    None when there is no positive or the scores contain NaN.
+    """
+    s, y = _flatten(scores, labels)
+    if s.numel() == 0 or _has_nan(s):
+        return None
+    return ap_from_counts(*_tie_counts(s, y)[:2])
+
+
+def ap_from_counts(fps: torch.Tensor, tps: torch.Tensor) -> float | None:
+    """Average precision from cumulative counts at each distinct score (highest first);
+    None when there is no positive.
+
+    The recall step of each threshold is its count of new positives over P; every
+    threshold admits at least one sample, so TP + FP > 0 wherever precision is read.
+    """
+    n_pos = float(tps[-1])
+    if n_pos == 0:
+        return None
+    new_tps = torch.diff(tps, prepend=tps.new_zeros(1))
+    precision = tps / (tps + fps)
+    return min(max(float((new_tps * precision).sum()) / n_pos, 0.0), 1.0)

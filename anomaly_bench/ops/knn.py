@@ -116,6 +116,16 @@ def sqdist_rows(query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
     return out
 
 
+def max_cosine(query: torch.Tensor, bank: torch.Tensor, *,
+               max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """(M,) largest dot product of each row of ``query`` (M, D) with a row of ``bank``
+    (N, D): the nearest cosine similarity when both are L2-normalised. Query rows are
+    chunked so each (rows x N) block of products stays under ``max_bytes``."""
+    rows = _rows_per_chunk(bank.shape[0], max_bytes)
+    return torch.cat([matmul_nt(query[r0:r0 + rows], bank).amax(dim=1)
+                      for r0 in range(0, query.shape[0], rows)])
+
+
 def self_knn_mean(x: torch.Tensor, k: int, *, max_bytes: int = MAX_BYTES) -> torch.Tensor:
     """Mean Euclidean distance of each row of ``x`` (B, P, D) to its ``k`` nearest *other* rows.
 

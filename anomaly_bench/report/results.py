@@ -41,14 +41,16 @@ COLUMNS: tuple[str, ...] = (
     "method", "backbone", "weights", "dataset", "category", "layers", "resolution",
     "alignment", "seed", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "n_train",
     "n_test", "train_s", "test_s", "ms_per_image", "peak_mem_mb", "device", "overrides",
+    "image_ap", "pixel_ap", "pixel_f1_max", "aupro_200", "aupro_200_per_image",
     "record_sha256",
 )
-#: The columns every version of results.csv starts with (later versions append columns).
+#: The columns every version of results.csv starts with, never moved (later versions added
+#: the other metrics and ``record_sha256``; a file without them is read with them empty).
 BASE_COLUMNS = COLUMNS[: COLUMNS.index("overrides") + 1]
 #: The cell every row must fill: what resume and the reports key rows by.
 REQUIRED = ("category",)
 _PRECISION = {
-    "image_auroc": 6, "pixel_auroc": 6, "aupro": 6, "image_f1_max": 6,
+    **dict.fromkeys(METRIC_NAMES, 6),
     "train_s": 3, "test_s": 3, "ms_per_image": 2, "peak_mem_mb": 1,
 }
 _INTEGERS = ("seed", "n_train", "n_test")

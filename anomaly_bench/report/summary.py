@@ -3,6 +3,12 @@ under figures/: the first training images of each category (as stored and, when 
 aligned them, as turned) and the ROC curve and score scatter of the best and the default
 setting.
 
+A dataset reported per test subset (AeBAD-S's domain shifts, AeBAD-V's videos: rows
+``<category>/<subset>``) counts in the table as the mean over its subsets, as its source
+reports it (its whole-test-set row stays in summary.csv); ``summary.subset_tables`` adds
+one table per named metric with a line per subset, their mean and the whole test set,
+and a column per setting (the MMR presets: image AUROC and the two PROs).
+
 A comparison puts two sweeps of the same settings side by side (e.g. the PaDiM layer sweep
 without and with ORB alignment): their leading settings and default in one table, then
 every setting's metric in both.
@@ -30,9 +36,13 @@ import yaml
 
 from anomaly_bench.errors import AnomalyBenchError
 from anomaly_bench.fsutil import atomic_open, describe
+from anomaly_bench.metrics import METRIC_NAMES
 from anomaly_bench.report.results import COLUMNS, read_rows, write_csv
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+#: Metrics a table can rank by and show (summary.csv carries them all).
+METRICS = METRIC_NAMES
+#: Columns of summary.md when ``summary.columns`` names none: the four headline metrics.
+DEFAULT_COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 #: Table columns shown in another unit than results.csv keeps: name -> (column, factor).
 SCALED = {"s_per_image": ("ms_per_image", 1e-3)}
 #: Cost columns (a comparison shows them beside the metric).
@@ -196,10 +206,24 @@ class Setting:
     members: list[dict[str, str]]
 
 
+def split_categories(rows: list[dict[str, str]]) -> set[str]:
+    """Categories reported per test subset (rows ``<category>/<subset>`` exist)."""
+    return {r["category"].split("/", 1)[0] for r in rows if "/" in r.get("category", "")}
+
+
+def averaged_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows a setting's means are taken over: a category reported per test subset
+    counts through its subsets (their mean, as the source reports it), not its whole row."""
+    split = split_categories(rows)
+    return [r for r in rows if r.get("category", "") not in split]
+
+
 def rank_settings(rows: list[dict[str, str]], swept: list[str], metric: str,
                   shown: Sequence[str], order: str = "rank") -> list[Setting]:
-    """Rows grouped by setting, result columns averaged over categories; ``order='rank'``
-    sorts by ``metric`` (best first, ties in job order), ``'sweep'`` keeps the job order."""
+    """Rows grouped by setting, result columns averaged over categories (and subsets,
+    :func:`averaged_rows`); ``order='rank'`` sorts by ``metric`` (best first, ties in job
+    order), ``'sweep'`` keeps the job order."""
+    rows = averaged_rows(rows)
     groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
     first_job: dict[tuple[str, ...], int] = {}  # rows come in sweep order
     for i, r in enumerate(rows):
@@ -254,14 +278,18 @@ def render_markdown(rows: list[dict[str, str]], swept: list[str], metric: str,
     order. The best value of each metric is bold; the default setting is marked. ``notes``
     follow the heading.
     """
-    shown = list(columns or METRICS)
+    shown = list(columns or DEFAULT_COLUMNS)
     settings = rank_settings(rows, swept, metric, shown, order)
     labelled = any(r.get("label") for r in rows)
     best = {m: max((st.means[m] for st in settings if isinstance(st.means[m], float)),
                    default=None)
             for m in shown if m in METRICS}
     marks = {k: str(v) for k, v in (default_marks or {}).items()}
-    cats = sorted({r["category"] for r in rows})
+    cats = sorted({r["category"] for r in averaged_rows(rows)})
+    split = sorted(split_categories(rows))
+    if split:
+        notes = [*notes, f"{', '.join(split)}: the mean over its test subsets, as the source "
+                         "reports it (the whole test set's row is in summary.csv)."]
     first = rows[0]
     ranked = f"ranked by {metric}" if order == "rank" else "in sweep order"
     header = [*swept, *(["setting"] if labelled else []), *described, *shown]
@@ -439,6 +467,49 @@ def training_figures(sweep_dir: Path, rows: list[dict[str, str]], n: int = TRAIN
     return lines
 
 
+def subset_markdown(rows: list[dict[str, str]], swept: list[str],
+                    metrics: Sequence[str]) -> str:
+    """Per category reported per subset and per metric: a line per subset, the mean over
+    the subsets and the whole test set; a column per setting (job order)."""
+    settings = rank_settings(rows, swept, metrics[0] if metrics else "image_auroc", (),
+                             "sweep") if swept else []
+    names = [", ".join(f"{k}={v}" for k, v in zip(swept, st.key, strict=True)) or "run"
+             for st in settings] or ["run"]
+    keys = [st.key for st in settings] or [()]
+    out = []
+    for cat in sorted(split_categories(rows)):
+        mine = [r for r in rows if r["category"] == cat or r["category"].startswith(cat + "/")]
+        subsets = list(dict.fromkeys(r["category"].split("/", 1)[1] for r in mine
+                                     if "/" in r["category"]))
+        for metric in metrics:
+            present = any(metric in r for r in mine)
+            out += ["", f"## {cat}: {metric} per test subset", ""]
+            if not present:
+                out += [f"{metric} is not a column of these results.csv files.", ""]
+                continue
+            out += ["| subset | " + " | ".join(names) + " |",
+                    "|" + "|".join([":---:"] * (len(names) + 1)) + "|"]
+
+            def value(key: tuple, category: str, metric: str = metric,
+                      mine: list = mine) -> float | None:
+                vals = [r.get(metric, "") for r in mine if r["category"] == category
+                        and tuple(r[k] for k in swept) == key]
+                return _mean(vals)
+
+            table = {sub: [value(k, f"{cat}/{sub}") for k in keys] for sub in subsets}
+            for sub in subsets:
+                out.append(f"| {sub} | " + " | ".join(_fmt(v, "image_auroc")
+                                                        for v in table[sub]) + " |")
+            means = [_mean([str(table[sub][i]) for sub in subsets
+                            if table[sub][i] is not None]) for i in range(len(keys))]
+            out.append("| **mean** | " + " | ".join(f"**{_fmt(v, 'image_auroc')}**"
+                                                    if v is not None else ""
+                                                    for v in means) + " |")
+            out.append("| whole test set | " + " | ".join(_fmt(value(k, cat), "image_auroc")
+                                                         for k in keys) + " |")
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def _load(sweep_dir: Path, metric: str | None = None, columns: Sequence[str] | None = None,
           order: str | None = None) -> dict[str, Any]:
     """A sweep's rows and table settings (arguments not given come from the jobs' own
@@ -476,7 +547,7 @@ def _load(sweep_dir: Path, metric: str | None = None, columns: Sequence[str] | N
 
 def _runtime_note(sweep: Mapping[str, Any]) -> list[str]:
     """Why later jobs of a cached sweep look faster, when the table shows costs."""
-    shown = sweep["columns"] or METRICS
+    shown = sweep["columns"] or DEFAULT_COLUMNS
     cached = ((sweep["config"].get("backbone") or {}).get("cache") or {}).get("enabled")
     if not cached or not any(c in RUNTIME for c in shown):
         return []
@@ -510,6 +581,9 @@ def write_summary(sweep_dir: Path, metric: str | None = None,
     if rows:
         text = render_markdown(rows, swept, sweep["metric"], default_marks, sweep["columns"],
                                sweep["order"], sweep["described"], _runtime_note(sweep))
+        tables = sweep_settings(sweep_dir).get("subset_tables") or []
+        if tables:
+            text += subset_markdown(rows, swept, [tables] if isinstance(tables, str) else tables)
         try:
             figures = training_figures(sweep_dir, rows, train_samples)
             figures += setting_figures(sweep_dir, rows, swept, sweep["metric"], default_marks)

@@ -126,3 +126,17 @@ def make_mvtec(root: Path, categories=("bottle", "screw"), n_train=6, size=48,
             if masks:
                 write_png(root / cat / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
     return root
+
+
+def tiny_clip_env(folder: Path) -> tuple[dict[str, str], list[str]]:
+    """(env for :func:`run_cli`, overrides): the run's open_clip knows the tiny test model
+    (``tests/fixtures.py``: 3 blocks, 64 px) through a ``sitecustomize`` that registers it,
+    and the overrides select it with seeded random weights."""
+    from fixtures import register_tiny_clip
+
+    name = register_tiny_clip(folder)
+    (folder / "sitecustomize.py").write_text(
+        f"import open_clip\nopen_clip.add_model_config({str(folder)!r})\n")
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path}, [f"backbone.name={name}", "backbone.hub_tag=null",
+                                  "backbone.pretrained=false", "backbone.image_size=64"]

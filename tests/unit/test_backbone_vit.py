@@ -96,3 +96,19 @@ def test_cnn_keys_on_a_vit_and_blocks_on_a_cnn_are_refused():
     with pytest.raises(ConfigError, match="is a CNN"):
         build_extractor({"name": "resnet18", "pretrained": False}, {"layer2": -1, "blocks": [1]},
                         seed=0)
+
+
+def test_class_tokens_beside_the_maps_where_the_model_has_one():
+    ext = VitExtractor(NAME, [2, -1], pretrained=False, seed=0)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    m = ext.model
+    with torch.no_grad():
+        feats = ext(images)
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        ref = {}
+        for i, block in enumerate(m.blocks):
+            x = block(x)
+            ref[f"block{i}"] = x[:, 0]
+    assert ext.has_class_token and list(feats.class_tokens) == ["block2", "block11"]
+    for k, v in feats.class_tokens.items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly_bench.metrics import METRIC_NAMES, compute_metrics
 
@@ -64,3 +64,15 @@ def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         compute_metrics(torch.rand(2), torch.tensor([0, 1]), torch.rand(2, 8, 8),
                         torch.zeros(2, 8, 9))
+
+
+def test_pixel_ap_and_f1_max_match_sklearn_over_every_pixel_of_the_category():
+    from test_metrics_roc import _sk_f1_max
+
+    scores, labels, maps, masks = _case(1)
+    out = compute_metrics(torch.from_numpy(scores), torch.from_numpy(labels),
+                          torch.from_numpy(maps), torch.from_numpy(masks))
+    pix_s, pix_y = maps.reshape(-1), masks.reshape(-1).astype(bool)
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(pix_y, pix_s), abs=1e-6)
+    assert out["pixel_f1_max"] == pytest.approx(_sk_f1_max(pix_s, pix_y), abs=1e-6)
+    assert out["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)

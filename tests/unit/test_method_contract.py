@@ -38,10 +38,19 @@ CLIP = {"name": "Tiny-CLIP-test", "kind": "clip", "hub_tag": None, "pretrained":
         "cache": {"enabled": False, "dir": "unused"}}
 #: Blocks of the transformer per method (texture kNN reads one block).
 VIT_LAYERS = {"padim": [3, 6, 9], "patchcore": [6, 9], "texture_knn": [4], "spade": [3, 6, 9]}
-CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2]}
+CLIP_LAYERS = {"padim": [0, 1, 2], "patchcore": [1, 2], "spade": [0, 1, 2], "aprilgan": [1, 2],
+               "winclip": [1]}
 #: Small-data settings (the published K of 50 or 400 neighbours needs more images).
 SMALL = {"spade": {"k": 3}, "texture_knn": {"k": 8, "border": 4},
          "patchcore": {"coreset_ratio": 0.5}}
+#: Methods that need a CLIP backbone (their YAML selects one): run on the tiny CLIP only.
+CLIP_ONLY = {m for m in available()
+             if compose_config([f"method={m}"]).backbone.get("kind") == "clip"}
+#: The backbone kind a method is tested on when it cannot take a CNN (MMR trains a ViT
+#: encoder, the CLIP methods need a CLIP tower), and the overrides that make it small
+#: (one epoch, a ResNet-18 teacher).
+KIND = {"mmr": "vit", **{m: "clip" for m in CLIP_ONLY}}
+OVERRIDES = {"mmr": ["method.teacher=resnet18", "method.epochs=1", "backbone.pretrained=false"]}
 
 
 def _batches(records: list[SampleRecord], what: str):
@@ -59,11 +68,11 @@ def _batches(records: list[SampleRecord], what: str):
 
 
 def _configs(method: str, extra: dict | None, kind: str) -> tuple[dict, dict, dict]:
-    cfg = compose_config([f"method={method}"])
+    cfg = compose_config([f"method={method}", *OVERRIDES.get(method, [])])
     method_cfg = {**OmegaConf.to_container(cfg.method, resolve=True), **SMALL.get(method, {}),
                   **(extra or {})}
     if kind == "vit":
-        return method_cfg, VIT, {"blocks": VIT_LAYERS[method]}
+        return method_cfg, VIT, {"blocks": VIT_LAYERS.get(method, [-1])}
     if kind == "clip":
         return method_cfg, CLIP, {"blocks": CLIP_LAYERS[method]}
     return method_cfg, BACKBONE, OmegaConf.to_container(cfg.layers)
@@ -91,8 +100,10 @@ def _test_batch() -> Batch:
     return next(_batches([SampleRecord(Path(f"{100 + i}.png"), 0) for i in range(3)], "test"))
 
 
-CASES = ([(m, None, "cnn") for m in available()] + [("texture_knn", {"mode": "many_shot"}, "cnn")]
-         + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS])
+CASES = ([(m, None, KIND.get(m, "cnn")) for m in available() if m not in CLIP_ONLY]
+         + [("texture_knn", {"mode": "many_shot"}, "cnn")]
+         + [(m, None, "vit") for m in VIT_LAYERS] + [(m, None, "clip") for m in CLIP_LAYERS]
+         + [("winclip", {"k_shot": 2}, "clip")])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +112,7 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize(("method", "extra", "kind"), CASES,
-                         ids=[f"{m}-{k}" if e is None else f"{m}-{e['mode']}-{k}"
+                         ids=[f"{m}-{k}" if e is None else f"{m}-{next(iter(e.values()))}-{k}"
                               for m, e, k in CASES])
 def test_method_contract(method, extra, kind, tmp_path):
     model = _fitted(method, tmp_path, extra, kind)
@@ -123,6 +134,7 @@ def test_method_contract(method, extra, kind, tmp_path):
     path = checkpoint.save(tmp_path / "model.pt", model, config, meta)
     payload = checkpoint.load(path)
     restored = checkpoint.restore(payload, path, backbone, payload["config"]["method"]).eval()
+    restored.setup(model.context)  # as the runner does before each tested category
     again = restored.predict(batch)
     assert torch.equal(again.image_scores, pred.image_scores)
     assert torch.equal(again.anomaly_maps, pred.anomaly_maps)
@@ -131,15 +143,22 @@ def test_method_contract(method, extra, kind, tmp_path):
 @pytest.mark.parametrize("method", available())
 def test_blur_border_reaches_the_maps(method, tmp_path):
     """``method.blur_border`` changes the maps near the image border only: ``reflect``
-    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default) does not."""
-    method_cfg, backbone, layers = _configs(method, {"blur_border": "reflect"}, "cnn")
-    assert build_method(method_cfg, backbone, layers, seed=0).blur_border == "reflect"
-    model = _fitted(method, tmp_path, None, "cnn")
-    assert model.blur_border == "mirror"
+    (scipy.ndimage's default) repeats the edge pixel, ``mirror`` (the default but for MMR,
+    whose official code blurs with scipy) does not. (A method whose maps are unblurred by
+    default is given the blur of the others.)"""
+    kind = KIND.get(method, "cnn")
+    sigma = {"blur_sigma": 4.0}
+    model = _fitted(method, tmp_path, sigma, kind)
+    default = model.blur_border
+    other = "reflect" if default == "mirror" else "mirror"
+    method_cfg, backbone, layers = _configs(method, {"blur_border": other, **sigma}, kind)
+    assert build_method(method_cfg, backbone, layers, seed=0).blur_border == other
+    assert default == ("reflect" if method == "mmr" else "mirror")
     batch = _test_batch()
-    mirror = model.predict(batch).anomaly_maps
-    model.blur_border = "reflect"
-    reflect = model.predict(batch).anomaly_maps
+    maps = {default: model.predict(batch).anomaly_maps}
+    model.blur_border = other
+    maps[other] = model.predict(batch).anomaly_maps
+    mirror, reflect = maps["mirror"], maps["reflect"]
     r = int(4 * model.blur_sigma + 0.5)
     inner = (slice(None), slice(r, -r), slice(r, -r))
     torch.testing.assert_close(reflect[inner], mirror[inner])

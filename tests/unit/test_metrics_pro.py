@@ -186,15 +186,16 @@ def test_cuda_matches_cpu():
 def test_pixel_metrics_from_one_sort_equal_separate_metrics(dtype, decimals):
     from sklearn.metrics import roc_auc_score
 
-    from anomaly_bench.metrics import auroc
-    from anomaly_bench.metrics.pro import pixel_metrics
+    from anomaly_bench.metrics import auroc, pixel_metrics
 
     maps, masks = _random_case(5, decimals=decimals)
     m, k = torch.from_numpy(maps).to(dtype), torch.from_numpy(masks)
-    pix, pro = pixel_metrics(m, k)
+    out = pixel_metrics(m, k)
+    pix, pro = out["pixel_auroc"], out["aupro"]
     assert pix == pytest.approx(auroc(m, k), abs=1e-12)
     assert pix == pytest.approx(roc_auc_score(masks.ravel(), m.double().numpy().ravel()),
                                 abs=1e-9)
     assert pro == pytest.approx(aupro(m, k), abs=1e-12)
     assert pro == pytest.approx(_reference_aupro(m.double().numpy(), masks), abs=1e-6)
-    assert pixel_metrics(m, torch.zeros_like(k)) == (None, None)  # no defect pixel
+    # no defect pixel: every pixel metric is undefined
+    assert set(pixel_metrics(m, torch.zeros_like(k)).values()) == {None}

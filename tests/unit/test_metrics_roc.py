@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from anomaly_bench.metrics import auroc, f1_max, roc_curve
+from anomaly_bench.metrics.roc import average_precision
 
 
 def _tied_data(seed: int, n: int = 2000, decimals: int = 1):
@@ -87,3 +88,28 @@ def test_perfect_and_inverted_scores():
     assert auroc(-s, y) == 0.0
     assert f1_max(s, y) == 1.0
     assert isinstance(auroc(s, y), float)
+
+
+def _slow_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP by its definition: for each distinct score, highest first, (R_n - R_{n-1}) P_n."""
+    total, prev_recall, n_pos = 0.0, 0.0, labels.sum()
+    for t in sorted(set(scores.tolist()), reverse=True):
+        hit = scores >= t
+        tp = (hit & labels).sum()
+        recall = tp / n_pos
+        total += (recall - prev_recall) * tp / hit.sum()
+        prev_recall = recall
+    return float(total)
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, 1), (1, 2), (2, 6)])
+def test_average_precision_matches_sklearn_and_its_definition(seed, decimals):
+    scores, labels = _tied_data(seed, n=600, decimals=decimals)
+    got = average_precision(torch.from_numpy(scores), torch.from_numpy(labels))
+    assert got == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    assert got == pytest.approx(_slow_ap(scores, labels), abs=1e-9)
+
+
+def test_average_precision_undefined_without_positives_or_with_nan():
+    assert average_precision(torch.rand(5), torch.zeros(5)) is None
+    assert average_precision(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1])) is None

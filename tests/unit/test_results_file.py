@@ -145,18 +145,32 @@ def test_a_writer_keeps_every_valid_row_and_sets_damaged_lines_aside(tmp_path, h
     assert aside and all(line in before for line in aside)
 
 
-def test_rows_of_the_previous_format_are_read_and_kept(tmp_path):
+NEW_METRICS = ["image_ap", "pixel_ap", "pixel_f1_max", "aupro_200", "aupro_200_per_image"]
+
+
+@pytest.mark.parametrize("dropped", [["record_sha256", *NEW_METRICS], NEW_METRICS],
+                         ids=["first_format", "before_new_metrics"])
+def test_rows_of_previous_formats_are_read_and_kept(tmp_path, dropped):
     path = tmp_path / "results.csv"
-    old = [c for c in COLUMNS if c != "record_sha256"]  # the header written before
+    old = [c for c in COLUMNS if c not in dropped]  # the header written before
+    assert old[:21] == list(COLUMNS[:21])  # the first 21 columns never move
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=old)
         w.writeheader()
         w.writerow({k: v for k, v in _full_row("bottle", 0.75).items() if k in old})
     assert [r["category"] for r in read_rows(path)] == ["bottle"]
     assert completed_categories(path) == {"bottle"}
-    write_row(path, _full_row("screw", 0.5))
-    assert [(r["category"], r["record_sha256"]) for r in read_rows(path)] == [
-        ("bottle", ""), ("screw", "")]
+    write_row(path, {**_full_row("screw", 0.5), "pixel_ap": 0.25, "aupro_200": None})
+    with path.open(newline="") as fh:
+        assert next(csv.reader(fh)) == list(COLUMNS)
+    rows = read_rows(path)
+    assert [(r["category"], r["record_sha256"]) for r in rows] == [("bottle", ""), ("screw", "")]
+    assert [(r["pixel_ap"], r["aupro_200"]) for r in rows] == [("", ""), ("0.250000", "")]
+
+
+def test_new_metric_columns_sit_between_overrides_and_the_digest():
+    i = COLUMNS.index("overrides")
+    assert list(COLUMNS[i + 1 :]) == [*NEW_METRICS, "record_sha256"]
 
 
 # ---------------------------------------------------------------------- links, write errors

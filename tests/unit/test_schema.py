@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fixtures import compose_config
+from fixtures import compose_config, register_tiny_clip
 from omegaconf import OmegaConf
 
 from anomaly_bench.errors import ConfigError
@@ -30,7 +30,9 @@ def test_defaults_of_every_method_and_group_are_valid(method, extra):
 
 @pytest.mark.parametrize("experiment", ["padim_screw_layers", "padim_screw_layers_orb90",
                                         "spade_stc", "spade_mvtec_layers", "spade_mvtec_gallery",
-                                        *[f"texture_v0{i}" for i in range(1, 7)]])
+                                        *[f"texture_v0{i}" for i in range(1, 7)],
+                                        "aprilgan_zero_shot_mvtec", "aprilgan_zero_shot_visa",
+                                        "aprilgan_few_shot"])
 def test_presets_are_valid(experiment):
     overrides = [f"experiment={experiment}"]
     if experiment.startswith("texture"):
@@ -76,15 +78,26 @@ def test_runner_validates_before_reading_any_data(tmp_path):
 
 
 @pytest.mark.parametrize("method", available())
-def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method):
+def test_a_method_built_from_its_name_alone_takes_the_yaml_defaults(method, tmp_path):
     from anomaly_bench.methods import build_method
     from anomaly_bench.methods.base import method_defaults
 
     cfg = compose_config([f"method={method}"])
     composed = OmegaConf.to_container(cfg.method, resolve=True)
-    assert method_defaults(method) == composed  # the YAML is the one place of defaults
+    # the YAML is the one place of defaults, resolved as composed; a key that follows
+    # another group (WinCLIP's input size: the backbone's) is only known in a composed run
+    raw = OmegaConf.to_container(cfg.method, resolve=False)
+    outside = {k for k, v in raw.items() if isinstance(v, str) and "oc.select:backbone" in v}
+    assert ({k: v for k, v in method_defaults(method).items() if k not in outside}
+            == {k: v for k, v in composed.items() if k not in outside})
     backbone = {"name": "resnet18", "hub_tag": None, "pretrained": False, "weights": None}
+    if cfg.backbone.get("kind") == "vit":  # a method that chooses a ViT (MMR): a tiny one
+        backbone = {"name": "vit_tiny_patch16_224", "kind": "vit", "pretrained": False}
     layers = OmegaConf.to_container(cfg.layers)
+    if cfg.backbone.get("kind") == "clip":  # a method that selects a CLIP tower: a tiny one
+        backbone = {"name": register_tiny_clip(tmp_path), "kind": "clip", "pretrained": False,
+                    "weights": None}
+        layers = {"blocks": [1, 2]}
     built = build_method({"name": method}, backbone, layers, seed=0)
     for key in ("k", "reg", "blur_sigma", "coreset_ratio", "pool"):
         if key in composed and hasattr(built, key):
@@ -96,12 +109,27 @@ def test_method_constructors_hold_no_defaults():
     setting as a required argument, so a value the YAML changes cannot be shadowed."""
     import inspect
 
+    from anomaly_bench.methods.aprilgan import AprilGan
     from anomaly_bench.methods.padim import Padim
     from anomaly_bench.methods.patchcore import PatchCore
     from anomaly_bench.methods.spade import Spade
     from anomaly_bench.methods.texture_knn import TextureKnn
 
-    for cls in (Padim, PatchCore, Spade, TextureKnn):
+    for cls in (AprilGan, Padim, PatchCore, Spade, TextureKnn):
         params = inspect.signature(cls.__init__).parameters.values()
         with_default = [p.name for p in params if p.default is not inspect.Parameter.empty]
         assert not with_default, f"{cls.__name__}: {with_default}"
+
+
+def test_aprilgan_alone_selects_its_backbone_blocks_and_input_and_the_command_line_wins():
+    cfg = compose_config(["method=aprilgan"])
+    assert (cfg.backbone.name, cfg.backbone.image_size, cfg.backbone.quick_gelu) == (
+        "ViT-L-14-336", 518, False)
+    assert list(cfg.layers.blocks) == [5, 11, 17, 23]  # layers 6, 12, 18, 24 counted from 1
+    assert (cfg.resolution.size, cfg.resolution.crop) == (518, None)
+    assert (cfg.method.input_resample, cfg.method.mask_resample) == ("bicubic", "bilinear")
+    other = compose_config(["method=aprilgan", "backbone=clip_vit_b16_plus_240"])
+    assert other.backbone.name == "ViT-B-16-plus-240" and list(other.layers.blocks) == [-1]
+    chosen = compose_config(["method=aprilgan", "layers.blocks=[3,7]"])
+    assert list(chosen.layers.blocks) == [3, 7] and chosen.backbone.name == "ViT-L-14-336"
+    assert compose_config(["method=padim"]).backbone.name == "wide_resnet50_2"

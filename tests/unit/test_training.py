@@ -20,7 +20,8 @@ from anomaly_bench.training import TrainSettings, lr_factor, train
 from anomaly_bench.types import Batch, Prediction, SampleRecord
 
 SETTINGS = {"epochs": 6, "optimizer": "adamw", "lr": 3e-3, "betas": [0.9, 0.95],
-            "momentum": 0.0, "weight_decay": 0.05, "schedule": "multistep", "warmup_epochs": 2,
+            "momentum": 0.0, "weight_decay": 0.05, "decay_1d": True, "schedule": "multistep",
+            "warmup_epochs": 2, "warmup_from_zero": False,
             "milestones": [4], "gamma": 0.1, "amp": False, "checkpoint_every": 2}
 
 
