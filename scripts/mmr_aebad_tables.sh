@@ -10,16 +10,14 @@
 # DATA_ROOT holds AeBAD/AeBAD_S and AeBAD/AeBAD_V (default: $ANOMALY_BENCH_DATA or ./data).
 # Weights: backbone.weights=/path/to/mae_visualize_vit_base.pth and
 # method.teacher.weights=/path/to/wide_resnet50_2.pth offline (or backbone.pretrained=false
-# for seeded random networks, not comparable to the source's numbers).
+# for seeded random networks, not comparable to the source's numbers). Each job trains for
+# 200 epochs: on SLURM give it the time (hydra.launcher.timeout_min=...); a job preempted
+# or timed out is requeued and resumes from its training state. LAUNCHER, OUT:
+# scripts/lib/launch.sh (SLURM by default).
 set -euo pipefail
-DATA_ROOT="${1:-${ANOMALY_BENCH_DATA:-data}}"
-shift || true
-OUT="outputs/multirun/$(date +%Y-%m-%d/%H-%M-%S)"
-# Where the jobs run. Plain local multirun for now; the cluster launcher presets go here
-# (e.g. LAUNCHER=(hydra/launcher=<preset>)) once they exist.
-LAUNCHER=()
-for ds in aebad_s aebad_v; do
-  anomaly-bench -m "experiment=mmr_${ds}" "method.masking=random,saliency" \
-    "data_root=${DATA_ROOT}" "hydra.sweep.dir=${OUT}/${ds}" ${LAUNCHER[@]+"${LAUNCHER[@]}"} "$@"
-  echo "== ${ds}: ${OUT}/${ds}/summary.md"
-done
+source "$(dirname "$0")/lib/launch.sh"
+ab_init mmr "$@"
+ab_bg mmr_aebad_s experiment=mmr_aebad_s method.masking=random,saliency
+ab_bg mmr_aebad_v experiment=mmr_aebad_v method.masking=random,saliency
+ab_wait
+ab_done
