@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from anomaly_bench import checkpoint
 from anomaly_bench.methods import build_method
 from anomaly_bench.report.results import read_rows
+from anomaly_bench.sweep import job_dirs
 
 from cli_helpers import run_cli
 
@@ -38,8 +39,10 @@ def test_aebad_s_rows_sweep_tables_and_stage_test(tmp_path):
                    "summary.subset_tables=[image_auroc,aupro]", f"hydra.sweep.dir={sweep}",
                    "stage=train_test", "save_model=true"], sweep, fast=False)
     assert res.code == 0, res.stderr[-2000:]
-    for job in ("0", "1"):
-        rows = {r["category"]: r for r in read_rows(sweep / job / "results.csv")}
+    jobs = job_dirs(sweep)  # in sweep order: masking random, saliency
+    assert len(jobs) == 2
+    for job in jobs:
+        rows = {r["category"]: r for r in read_rows(job / "results.csv")}
         assert list(rows) == ["AeBAD_S", "AeBAD_S/same", "AeBAD_S/background",
                               "AeBAD_S/illumination", "AeBAD_S/view"]
         assert rows["AeBAD_S"]["weights"] == "random(seed=0) + teacher=random(seed=0)"
@@ -50,13 +53,13 @@ def test_aebad_s_rows_sweep_tables_and_stage_test(tmp_path):
     assert "method.masking=random | method.masking=saliency" in md
     assert "| **mean** |" in md and "| whole test set |" in md
     # the trained encoder is in model.pt, the teacher is not; stage=test reproduces the rows
-    payload = checkpoint.load(sweep / "0" / "AeBAD_S" / "model.pt")
+    payload = checkpoint.load(jobs[0] / "AeBAD_S" / "model.pt")
     assert not any(k.startswith("teacher.") for k in payload["state_dict"])
     test_dir = tmp_path / "test"
     res = run_cli([*TINY, "dataset=aebad_s", f"data_root={root}", "stage=test",
-                   f"checkpoint={sweep / '0'}"], test_dir, fast=False)
+                   f"checkpoint={jobs[0]}"], test_dir, fast=False)
     assert res.code == 0, res.stderr[-2000:]
-    before = {r["category"]: r["image_auroc"] for r in read_rows(sweep / "0" / "results.csv")}
+    before = {r["category"]: r["image_auroc"] for r in read_rows(jobs[0] / "results.csv")}
     after = {r["category"]: r["image_auroc"] for r in read_rows(test_dir / "results.csv")}
     assert before == after
 
