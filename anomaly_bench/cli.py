@@ -30,7 +30,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from anomaly_bench import sweep  # registers ${job_dir:} in every process a job runs in
+from anomaly_bench import (
+    sweep,  # registers ${job_dir:} in every process a job runs in
+    sweeper,
+)
 from anomaly_bench.allocator import reuse_freed_memory
 from anomaly_bench.configs import composer, config_dir, friendly_overrides
 from anomaly_bench.errors import AnomalyBenchError
@@ -202,6 +205,7 @@ def main() -> None:
     # than burying the one-paragraph error under logging's own tracebacks
     logging.raiseExceptions = False
     _check_launcher_overrides(sys.argv[1:])
+    sweeper.register()
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()),
                    config_name="config")(_task)()

@@ -16,6 +16,7 @@ A backbone group nested under a method is chosen on the command line as Hydra sp
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
@@ -105,7 +106,16 @@ def friendly_overrides(args: list[str]) -> list[str]:
 def option_values(group: str, name: str) -> dict[str, Any]:
     """The keys of ``conf/<group>/<name>.yaml`` (its shared keys included), resolved as
     in a composed run: relative interpolations within the option (``${..epochs}``) and
-    the top-level ``data_root`` of ``config.yaml`` (a backbone's cache folder)."""
+    the top-level ``data_root`` of ``config.yaml`` (a backbone's cache folder). A copy:
+    the files are read once per process (every job of a sweep asks again)."""
+    path = config_dir() / group / f"{name}.yaml"
+    stamp = path.stat().st_mtime_ns if path.is_file() else None
+    return copy.deepcopy(_option_values(str(config_dir()), group, name, stamp))
+
+
+@cache
+def _option_values(root: str, group: str, name: str, stamp: int | None) -> dict[str, Any]:
+    """:func:`option_values` of the files under ``root`` as they are at ``stamp``."""
     values = _load(f"{group}/{name}")
     top = OmegaConf.load(config_dir() / "config.yaml")
     root = OmegaConf.create({"data_root": top.get("data_root"), group: values})

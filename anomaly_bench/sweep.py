@@ -49,8 +49,10 @@ ENDED = ("finished", "reused", "failed")
 FAILURE: tuple[str, int] | None = None
 #: The sweep directory of the sweep this process launched (for the Ctrl-C message).
 CURRENT: Path | None = None
-#: The basic sweeper, the only one whose job list is known before the jobs run.
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+#: The basic sweeper and ours (the same jobs, each composed once: :mod:`~anomaly_bench.
+#: sweeper`), the only ones whose job list is known before the jobs run.
+BASIC_SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                  "hydra_plugins.anomaly_bench_sweeper.Sweeper")
 
 
 # ----------------------------------------------------------------------------- job dirs
@@ -134,7 +136,7 @@ class SweepPlan:
 def plan(config: DictConfig) -> SweepPlan | None:
     """The jobs a multirun launches, expanded as Hydra's basic sweeper does (its
     ``hydra.sweeper.params`` first, then the command line); None for another sweeper."""
-    if str(config.hydra.sweeper.get("_target_")) != BASIC_SWEEPER:
+    if str(config.hydra.sweeper.get("_target_")) not in BASIC_SWEEPERS:
         return None
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     task = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))

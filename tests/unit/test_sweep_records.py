@@ -57,7 +57,7 @@ def test_a_sweep_directory_takes_only_the_same_sweep(tmp_path, now, conflict):
     def config(overrides):
         return OmegaConf.create({"hydra": {
             "sweep": {"dir": str(tmp_path)},
-            "sweeper": {"_target_": sweep.BASIC_SWEEPER, "params": {}},
+            "sweeper": {"_target_": sweep.BASIC_SWEEPERS[0], "params": {}},
             "overrides": {"task": overrides}}})
 
     sweep.start(config(["method=padim", "seed=0,1"]))
@@ -73,7 +73,7 @@ def test_a_sweep_directory_takes_only_the_same_sweep(tmp_path, now, conflict):
 def _launch(tmp_path: Path, n: int) -> Path:
     cfg = OmegaConf.create({"hydra": {
         "sweep": {"dir": str(tmp_path / "sweep")},
-        "sweeper": {"_target_": sweep.BASIC_SWEEPER, "params": {}},
+        "sweeper": {"_target_": sweep.BASIC_SWEEPERS[0], "params": {}},
         "overrides": {"task": [f"seed={','.join(map(str, range(n)))}"]}}})
     (tmp_path / "sweep").mkdir()
     sweep.start(cfg)
