@@ -21,7 +21,9 @@ copied into this project):
   layout anomalib's permutes assume. Nothing else changes.
 * references unnormalised (k = 1): the reference image fed resized but not normalised,
   as anomalib's Lightning wrapper does (it takes them from the training loader before its
-  pre-processor runs); the test images stay normalised.
+  pre-processor runs); the test images stay normalised. Ours is fed the same tensor for
+  the agreement row, and is also compared as it runs (the reference preprocessed as the
+  test images) to show the difference of the two behaviours.
 
 anomalib's model is built offline: ``open_clip.create_model_and_transforms`` is wrapped
 while it is constructed so that it builds the architecture without weights, and the
@@ -71,8 +73,10 @@ def make_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def load_category(root: Path, category: str, batch: int):
-    """Test batches (our preprocessing) and the k = 1 reference as the runner chooses it."""
+def load_category(root: Path, category: str, batch: int, n_test: int | None = None):
+    """Test batches (our preprocessing) and the k = 1 reference as the runner chooses it;
+    with ``n_test``, that many test images evenly spaced over the sorted test list (normal
+    and anomalous alike)."""
     from anomaly_bench.data import Preprocess, get_layout, make_loader
     from anomaly_bench.data.source import TrainSource
 
@@ -83,7 +87,10 @@ def load_category(root: Path, category: str, batch: int):
     def batches(records, what=""):
         return iter(list(make_loader(records, pre, batch, 0, with_masks=split.has_masks)))
 
-    test = list(batches(split.test))
+    records = list(split.test)
+    if n_test and n_test < len(records):
+        records = [records[i * len(records) // n_test] for i in range(n_test)]
+    test = list(batches(records))
     refs = TrainSource(split.train, batches, seed=0).choose(1)
     ref = torch.cat([b.images for b in refs])
     return test, ref
@@ -259,9 +266,7 @@ def run_category(root: Path, category: str, weights: Path, args) -> dict:
                "templates": list(prompting.TEMPLATES)}
     state = torch.load(weights, map_location="cpu", weights_only=True)
     class_name = category.replace("_", " ")
-    test, ref = load_category(root, category, args.batch)
-    if args.test_images:
-        test = test[:-(-args.test_images // args.batch)]
+    test, ref = load_category(root, category, args.batch, args.test_images)
     systems = [Ours(weights, prompts, class_name), Theirs(state, class_name, True),
                Theirs(state, class_name, False)]
     settings = {"zero-shot": None, "k=1": ref,
@@ -270,9 +275,7 @@ def run_category(root: Path, category: str, weights: Path, args) -> dict:
            "assoc": {}}
     with torch.no_grad():
         for setting, refs in settings.items():
-            for system in systems:
-                if system.name == "ours" and setting.endswith("unnormalised"):
-                    continue  # ours preprocesses references as the test images
+            for system in systems:  # ours too, on the same unnormalised reference
                 print(f"  {category}: scoring {setting}, {system.name}", file=sys.stderr,
                       flush=True)
                 system.configure(refs)
@@ -294,7 +297,7 @@ def run_category(root: Path, category: str, weights: Path, args) -> dict:
                     key = (setting, system.name)
                     out["timing"][key] = min(ms, out["timing"].get(key, float("inf")))
         if args.released_batch:  # anomalib at its own default batch: one pass
-            big = load_category(root, category, args.released_batch)[0][:1]
+            big = load_category(root, category, args.released_batch, args.released_batch)[0][:1]
             print(f"  {category}: timing zero-shot, anomalib released at batch "
                   f"{args.released_batch}", file=sys.stderr, flush=True)
             systems[2].configure(None)
@@ -322,12 +325,18 @@ def report(runs: list[tuple[str, str, dict]], args) -> str:
     ]
     for dataset, kind, res in runs:
         s = res["scores"]
-        for (setting, system), (scores, maps) in s.items():
-            if system == "ours":
-                continue
-            o_scores, o_maps = s[(setting.split(",")[0], "ours")]
+        rows = [(setting, system, setting) for setting, system in s if system != "ours"]
+        # the behaviours side by side: anomalib's unnormalised reference against ours
+        # preprocessing the reference as the test images
+        rows += [(setting, system, "k=1") for setting, system in s
+                 if system != "ours" and setting.endswith("unnormalised")]
+        for setting, system, ours_setting in rows:
+            scores, maps = s[(setting, system)]
+            o_scores, o_maps = s[(ours_setting, "ours")]
+            label = setting if ours_setting == setting else \
+                f"{setting} (ours: reference normalised)"
             lines.append(
-                f"| {dataset} ({kind}) | {setting} | {system} | "
+                f"| {dataset} ({kind}) | {label} | {system} | "
                 f"{spearman(o_scores, scores):.5f} | {(o_maps - maps).abs().max():.2e} | "
                 f"{flatness(o_maps):.4f} / {flatness(maps):.4f} |")
     lines += ["", "| data | mean 2x2 window association, k = 1 | value |", "|---|---|---:|"]
@@ -358,7 +367,7 @@ def main() -> None:
                          "installed package")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--test-images", type=int, default=None,
-                    help="score only the first N test images (default: all)")
+                    help="score N test images evenly spaced over the test set (default: all)")
     ap.add_argument("--time-images", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--released-batch", type=int, default=32,
