@@ -91,6 +91,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: Writes of one entry whose folder a concurrent clear keeps removing, before giving up.
+_WRITE_ATTEMPTS = 20
+
 class BadEntry(Exception):
     """A cache entry that must not be used; the message says what is wrong with it."""
 
@@ -418,12 +421,12 @@ class FeatureCache:
             for i, path in enumerate(paths):
                 tensors = {n: t[i].permute(1, 2, 0) for n, t in cpu.items()}
                 try:
-                    for attempt in range(5):
+                    for attempt in range(_WRITE_ATTEMPTS):
                         try:
                             written += write_entry(path, tensors, release=_memory_short())
                             break
                         except OSError as exc:  # ENOENT: its folder was removed meanwhile
-                            if exc.errno != errno.ENOENT or attempt == 4:
+                            if exc.errno != errno.ENOENT or attempt == _WRITE_ATTEMPTS - 1:
                                 raise
                 except (OSError, MemoryError) as exc:  # the cache only saves time
                     log.warning("feature cache: cannot write %s (%s); later runs will "

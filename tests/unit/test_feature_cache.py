@@ -469,7 +469,10 @@ def test_entries_vanishing_under_a_job_only_make_it_recompute(tmp_path: Path, ca
         stop.set()
         for t in threads:
             t.join()
-    assert not errors and not _warnings(caplog)
+    # a writer whose folder a clear in a tight loop removes at every retry gives up on that
+    # entry with a warning (the cache only saves time); nothing else may be reported
+    assert not errors
+    assert all("cannot write" in w and "No such file" in w for w in _warnings(caplog))
 
 
 def test_a_write_whose_folder_vanished_is_retried(tmp_path: Path, caplog, no_memo,
