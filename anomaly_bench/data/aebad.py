@@ -16,6 +16,7 @@ MMR paper's table does.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from anomaly_bench.errors import DataError
 from anomaly_bench.paths import check_name
@@ -27,6 +28,22 @@ from .registry import register_layout
 CATEGORY = "AeBAD_S"
 DOMAINS = ("same", "background", "illumination", "view")
 
+
+
+def _training(layout: Any, root: Path, category: str,
+              wanted: str) -> tuple[Path, Path, list[SampleRecord]]:
+    """The category folder, its ``train/good`` folder and the normal images of its
+    sub-folders (AeBAD's layouts keep training images in one folder per capture)."""
+    folder = Path(root) / check_name(category, "dataset.category")
+    good = folder / "train" / "good"
+    if category != wanted or not good.is_dir():
+        raise DataError(f"{layout.title} category '{category}' not found under {root}: "
+                        f"expected {Path(root) / wanted / 'train' / 'good'}. "
+                        f"Expected layout: {layout.expected}")
+    train = [SampleRecord(p, NORMAL, "good")
+             for sub in list_subdirs(good, "training sub-folders")
+             for p in list_images(good / sub, "training images")]
+    return folder, good, train
 
 @register_layout
 class AeBADSLayout:
@@ -44,15 +61,7 @@ class AeBADSLayout:
         return [CATEGORY] if (Path(root) / CATEGORY / "train" / "good").is_dir() else []
 
     def split(self, root: Path, category: str) -> CategorySplit:
-        folder = Path(root) / check_name(category, "dataset.category")
-        good = folder / "train" / "good"
-        if category != CATEGORY or not good.is_dir():
-            raise DataError(f"{self.title} category '{category}' not found under {root}: "
-                            f"expected {Path(root) / CATEGORY / 'train' / 'good'}. "
-                            f"Expected layout: {self.expected}")
-        train = [SampleRecord(p, NORMAL, "good")
-                 for sub in list_subdirs(good, "training sub-folders")
-                 for p in list_images(good / sub, "training images")]
+        folder, good, train = _training(self, root, category, CATEGORY)
         train += [SampleRecord(p, NORMAL, "good") for p in list_images(good, "training images")]
         if not train:
             raise DataError(f"No training images under {good}: expected "
@@ -107,15 +116,7 @@ class AeBADVLayout:
         return [V_CATEGORY] if (Path(root) / V_CATEGORY / "train" / "good").is_dir() else []
 
     def split(self, root: Path, category: str) -> CategorySplit:
-        folder = Path(root) / check_name(category, "dataset.category")
-        good = folder / "train" / "good"
-        if category != V_CATEGORY or not good.is_dir():
-            raise DataError(f"{self.title} category '{category}' not found under {root}: "
-                            f"expected {Path(root) / V_CATEGORY / 'train' / 'good'}. "
-                            f"Expected layout: {self.expected}")
-        train = [SampleRecord(p, NORMAL, "good")
-                 for sub in list_subdirs(good, "training sub-folders")
-                 for p in list_images(good / sub, "training images")]
+        folder, good, train = _training(self, root, category, V_CATEGORY)
         if not train:
             raise DataError(f"No training frames under {good}: expected "
                             f"{good}/<sub-folder>/*.jpg.")
