@@ -29,7 +29,7 @@ from anomaly_bench.data import get_layout
 from anomaly_bench.data.catalog import COUNT_SOURCES, NOT_DOWNLOADED, PUBLISHED, SOURCES, Counts
 from anomaly_bench.data.registry import DATA_ENV_VAR, available_layouts, resolve_root, title
 from anomaly_bench.download import Remote, fetch
-from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
+from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError, some
 from anomaly_bench.types import ANOMALOUS
 
 #: layouts that are not a published dataset (nothing to count or download)
@@ -95,8 +95,7 @@ def check(name: str, root: Path) -> list[str]:
     if problems:
         raise DataError(
             f"the {title(layout)} folder {root} does not hold the dataset as published: "
-            + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
-                                         else "")
+            + some(problems, 8)
             + ". Complete the folder (download the dataset again, or unpack the missing "
             "categories) or point dataset.root / data_root at a complete copy."
         )

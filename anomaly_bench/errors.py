@@ -33,3 +33,10 @@ class CheckpointError(AnomalyBenchError):
 class OutputError(AnomalyBenchError):
     """What the run computed cannot be written (disk full, file-size limit, read-only,
     a file where a folder goes, a symbolic link); the message carries what was computed."""
+
+
+def some(items: list[str], limit: int) -> str:
+    """The first ``limit`` of ``items`` joined by '; ', and how many more there are: the
+    list inside a one-paragraph message stays readable however long it is."""
+    more = len(items) - limit
+    return "; ".join(items[:limit]) + (f"; and {more} more" if more > 0 else "")

@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from anomaly_bench.errors import AnomalyBenchError, ConfigError
+from anomaly_bench.errors import AnomalyBenchError, ConfigError, some
 from anomaly_bench.fsutil import atomic_open, describe
 
 log = logging.getLogger("anomaly_bench")
@@ -215,8 +215,7 @@ def start(config: DictConfig) -> SweepPlan | None:
     if conflicts:
         raise ConfigError(
             f"hydra.sweep.dir={sweep_dir} holds the jobs of another sweep ("
-            + "; ".join(conflicts[:4]) + (f"; {len(conflicts) - 4} more" if len(conflicts) > 4
-                                           else "")
+            + some(conflicts, 4)
             + "). A sweep re-run into its directory reuses its finished jobs when its fixed "
             "settings are the same (values may be added to the swept keys): give the same "
             "settings, or run into a new directory (drop hydra.sweep.dir)."
