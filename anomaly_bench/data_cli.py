@@ -4,6 +4,8 @@ counts, or download a dataset whose licence allows it.
     anomaly-bench-data list
     anomaly-bench-data check DATASET [--root PATH | --data-root DIR]
     anomaly-bench-data download DATASET [--data-root DIR] [--url URL --sha256 HEX]
+    anomaly-bench-data meta mvtec|visa [--root PATH | --data-root DIR] [--category C ...]
+        [--force]
 
 ``check`` reads the folder with the dataset's own layout (what a run reads: every
 category, its training and test images and masks) and compares each category's image
@@ -12,7 +14,10 @@ different is one paragraph naming the categories and the numbers (exit 2). ``dow
 fetches the dataset's files (resumable, SHA-256 checked, with a progress bar) into
 ``DATA_DIR/.downloads``, unpacks them into ``DATA_DIR/<dataset folder>`` (never outside
 it, never through a link) and checks the result. ``--url``/``--sha256`` take the main
-archive from a mirror instead.
+archive from a mirror instead. ``meta`` writes the ``meta.json`` index the APRIL-GAN and
+WinCLIP repositories read (:mod:`anomaly_bench.data.meta`) from the folders (and VisA's
+split file), every category or the ones named; an existing index that differs is replaced
+only with ``--force``, since runs read a root through its index.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from anomaly_bench.data import get_layout
+from anomaly_bench.data import get_layout, meta
 from anomaly_bench.data.catalog import COUNT_SOURCES, NOT_DOWNLOADED, PUBLISHED, SOURCES, Counts
 from anomaly_bench.data.registry import DATA_ENV_VAR, available_layouts, resolve_root, title
 from anomaly_bench.download import Remote, fetch
 from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError, some
+from anomaly_bench.fsutil import atomic_write_bytes
 from anomaly_bench.types import ANOMALOUS
 
 #: layouts that are not a published dataset (nothing to count or download)
@@ -110,6 +116,26 @@ def check(name: str, root: Path) -> list[str]:
 def _root(name: str, root: Path | None, data_root: Path) -> Path:
     opts = _options(name)
     return resolve_root(name, root, data_root, list(opts.get("dirnames") or ["."]))
+
+
+def write_meta(name: str, root: Path, categories: list[str] | None, force: bool
+               ) -> list[str]:
+    """Write ``root/meta.json`` from the folders; lines describing what was written."""
+    layout = _layout(name)
+    wanted = categories or layout.read_categories(root)
+    if not wanted:
+        raise DataError(f"no {title(layout)} category found in {root}.")
+    data = meta.build(name, [layout.read_split(root, c) for c in wanted])
+    text, path = meta.text(data), meta.path_of(root)
+    if path.is_file() and not force:
+        if path.read_text(encoding="utf-8", errors="replace") == text:
+            return [f"{path} is up to date ({len(wanted)} categories)"]
+        raise DataError(f"{path} exists and differs from the index of the folders; runs read "
+                        "the dataset through it. Keep it, or rewrite it with --force.")
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return [f"wrote {path}"] + [
+        f"{c}: {len(data['train'][c])} training, {len(data['test'][c])} test images"
+        for c in wanted]
 
 
 def _member(dest: Path, archive: Path, name: str) -> Path:
@@ -196,15 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="datasets, their published counts and whether they download")
     default_root = Path(os.environ.get(DATA_ENV_VAR, "data"))
-    for command in ("check", "download"):
+    for command in ("check", "download", "meta"):
         p = sub.add_parser(command)
         p.add_argument("dataset")
         p.add_argument("--data-root", type=Path, default=default_root,
                        help=f"folder holding the datasets (default: ${DATA_ENV_VAR} or ./data)")
-        if command == "check":
+        if command in ("check", "meta"):
             p.add_argument("--root", type=Path, default=None,
                            help="the dataset folder itself (default: found under --data-root)")
-        else:
+        if command == "meta":
+            p.add_argument("--category", nargs="+", default=None,
+                           help="the categories to index (default: every one in the folders)")
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing meta.json that differs")
+        elif command == "download":
             p.add_argument("--url", default=None, help="a mirror of the dataset's archive")
             p.add_argument("--sha256", default=None, help="the SHA-256 the mirror's file has")
             p.add_argument("--no-progress", action="store_true")
@@ -226,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"dataset {name} has no published form to check or download; "
                               f"choose one of {', '.join(known)}.")
         get_layout(name)  # an unknown name is one paragraph listing the known ones
+        if args.command == "meta":
+            if name not in meta.SPECIES:
+                raise ConfigError(f"the official repositories write meta.json for "
+                                  f"{' and '.join(meta.SPECIES)} only, not {name}.")
+            root = _root(name, args.root, args.data_root.expanduser())
+            for line in write_meta(name, root, args.category, args.force):
+                print(line)
+            return 0
         if args.command == "download":
             root = download(name, args.data_root.expanduser(), args.url, args.sha256,
                             progress=not args.no_progress)

@@ -21,6 +21,7 @@ from anomaly_bench.errors import DataError
 from anomaly_bench.paths import check_name
 from anomaly_bench.types import ANOMALOUS, NORMAL, CategorySplit, SampleRecord
 
+from . import meta
 from .layout_utils import (
     IMAGE_EXTENSIONS,
     MaskIndex,
@@ -79,6 +80,13 @@ class MVTecLikeLayout:
 
     def categories(self, root: Path) -> list[str]:
         root = Path(root)
+        if (index := meta.honoured(self.name, root)) is not None:
+            return meta.categories(index)
+        return self.read_categories(root)
+
+    def read_categories(self, root: Path) -> list[str]:
+        """The category folders under ``root``."""
+        root = Path(root)
         found = [d for d in list_subdirs(root, f"{self.title} category folders")
                  if self.is_category(root / d)]
         if self.known_categories is not None:
@@ -90,7 +98,17 @@ class MVTecLikeLayout:
         return Path(root) / category
 
     def split(self, root: Path, category: str) -> CategorySplit:
-        """Records of ``category`` (a plain name, else ConfigError) read from its tree."""
+        """Records of ``category`` (a plain name, else ConfigError): through the root's
+        meta.json where the layout has one (:mod:`~anomaly_bench.data.meta`), else read
+        from its tree."""
+        root = Path(root)
+        check_name(category, "dataset.category")
+        if (index := meta.honoured(self.name, root)) is not None:
+            return meta.split(self.name, root, index, category)
+        return self.read_split(root, category)
+
+    def read_split(self, root: Path, category: str) -> CategorySplit:
+        """Records of ``category`` read from its tree (what ``meta.json`` is written from)."""
         root = Path(root)
         folder = self.category_dir(root, check_name(category, "dataset.category"))
         if not folder.is_dir():

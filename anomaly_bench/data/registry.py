@@ -53,7 +53,7 @@ class DatasetLayout(Protocol):
 
 
 LAYOUTS: dict[str, DatasetLayout] = {}
-_SKIP_MODULES = {"registry", "layout_utils", "loading", "catalog"}
+_SKIP_MODULES = {"registry", "layout_utils", "loading", "catalog", "meta"}
 _discovered = False
 
 T = TypeVar("T")

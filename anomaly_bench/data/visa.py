@@ -20,6 +20,7 @@ from anomaly_bench.errors import DataError
 from anomaly_bench.paths import check_name
 from anomaly_bench.types import ANOMALOUS, NORMAL, CategorySplit, SampleRecord
 
+from . import meta
 from .layout_utils import names
 from .registry import register_layout
 
@@ -59,10 +60,26 @@ class VisaLayout:
         return _read_split(path, (st.st_size, st.st_mtime_ns))
 
     def categories(self, root: Path) -> list[str]:
+        if (index := meta.honoured(self.name, root)) is not None:
+            return meta.categories(index)
+        return self.read_categories(root)
+
+    def read_categories(self, root: Path) -> list[str]:
+        """The split file's categories that have a folder."""
         found = {r["object"] for r in self._rows(root)}
         return sorted(c for c in found if (Path(root) / c / "Data").is_dir())
 
     def split(self, root: Path, category: str) -> CategorySplit:
+        """Records of ``category``: through the root's meta.json when it has one
+        (:mod:`~anomaly_bench.data.meta`), else by the split file."""
+        root = Path(root)
+        check_name(category, "dataset.category")
+        if (index := meta.honoured(self.name, root)) is not None:
+            return meta.split(self.name, root, index, category)
+        return self.read_split(root, category)
+
+    def read_split(self, root: Path, category: str) -> CategorySplit:
+        """Records of ``category`` by the official split file."""
         root = Path(root)
         check_name(category, "dataset.category")
         rows = [r for r in self._rows(root) if r["object"] == category]

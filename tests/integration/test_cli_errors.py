@@ -98,3 +98,26 @@ def test_local_weights_file_is_used_and_recorded(tmp_path):
 def test_unknown_group_option_is_rejected(tmp_path, override):
     res = run_cli([override], tmp_path / "r")
     assert res.code != 0 and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_a_users_meta_json_is_honoured_and_a_broken_one_refused_before_any_image(tmp_path):
+    import json
+
+    from anomaly_bench.data_cli import main as data_main
+
+    data = make_mvtec(tmp_path / "mvtec", categories=("bottle",))
+    assert data_main(["meta", "mvtec", "--root", str(data)]) == 0
+    index = json.loads((data / "meta.json").read_text())
+    index["train"]["bottle"] = index["train"]["bottle"][:4]
+    index["test"]["bottle"] = [e for e in index["test"]["bottle"] if e["img_path"][-5] != "2"]
+    (data / "meta.json").write_text(json.dumps(index))
+    res = run_cli(["dataset=mvtec", f"dataset.root={data}"], tmp_path / "r")
+    assert res.code == 0, res.stderr
+    row = res.rows()[0]
+    assert (row["n_train"], row["n_test"]) == ("4", str(len(index["test"]["bottle"])))
+    index["test"]["bottle"][0]["img_path"] = "bottle/test/good/missing.png"
+    (data / "meta.json").write_text(json.dumps(index))
+    res = run_cli(["dataset=mvtec", f"dataset.root={data}"], tmp_path / "r2")
+    assert_clean_error(res, str(data / "meta.json"), "test/bottle entry 0 img_path",
+                       "does not exist")
