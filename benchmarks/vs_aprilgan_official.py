@@ -263,6 +263,9 @@ def patch_official() -> list[str]:
     Image.fromarray = from_array
     done.append("Image.fromarray(float zeros, mode='L') as uint8 (a normal image's mask; "
                 "Pillow >= 11 refuses float data in mode L)")
+    if stub_pkg_resources():
+        done.append("stub module pkg_resources whose packaging is the packaging package "
+                    "(prompt_ensemble.py imports it; setuptools >= 81 no longer ships it)")
     for name in ("skimage", "tabulate"):
         if name not in sys.modules:
             try:
@@ -277,6 +280,25 @@ def patch_official() -> list[str]:
     done.append("test.cal_pro_score and test.roc_auc_score record the maps and image scores")
     done.append("MVTecSolver.CLSNAMES = the synthetic categories (meta.json)")
     return done
+
+
+def stub_pkg_resources() -> bool:
+    """Provide ``pkg_resources.packaging`` (imported by the official prompt_ensemble.py)
+    when setuptools no longer ships ``pkg_resources``; True when the stub was needed."""
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        import pkg_resources  # noqa: F401
+        return False
+    except ImportError:
+        import packaging.version
+
+        stub = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("pkg_resources",
+                                                                             None))
+        stub.packaging = packaging
+        sys.modules["pkg_resources"] = stub
+        return True
 
 
 # ---------------------------------------------------------------------- our side
@@ -473,6 +495,30 @@ def report(args, official: dict, ours: dict, n_test: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def meta_agreement(work: Path) -> str:
+    """The meta.json the official data/mvtec.py wrote against ``anomaly-bench-data meta``'s
+    index of the same folders (entries compared per category and phase, as sets: the
+    official writer lists defect folders in ``os.listdir`` order)."""
+    from anomaly_bench.data import get_layout, meta
+
+    lines = ["", "| meta.json of | entries | same entries as anomaly-bench-data meta |",
+             "|---|---:|---|"]
+    layout = get_layout("mvtec")
+    for sub in ("train_data", "test_data"):
+        root = work / sub
+        theirs = json.loads((root / "meta.json").read_text())
+        ours = meta.build("mvtec", [layout.read_split(root, c) for c in theirs["test"]])
+
+        def entries(index, phase, cat):
+            return sorted(json.dumps(e, sort_keys=True) for e in index[phase][cat])
+        same = all(entries(theirs, p, c) == entries(ours, p, c)
+                   for p in meta.PHASES for c in theirs["test"])
+        n = sum(len(v) for p in meta.PHASES for v in theirs[p].values())
+        lines.append(f"| {sub} ({', '.join(theirs['test'])}) | {n} | "
+                     f"{'yes' if same else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--official", required=True, type=Path,
@@ -525,6 +571,7 @@ def main() -> None:
     for mode, k in (("zero_shot", 0), ("few_shot", args.k_shot)):
         results[mode] = ours.test(official[mode], k)
     text = report(args, official, results, args.n_good + args.n_defect_types)
+    text += meta_agreement(args.work)
     print(text)
     if args.out:
         args.out.write_text(text)
