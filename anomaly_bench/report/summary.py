@@ -53,6 +53,15 @@ SHARED = ("backbone", "weights", "layers", "resolution", "alignment")
 TRAIN_SAMPLES = 6
 
 
+#: libyaml's parser where PyYAML was built with it (several times faster than the pure-Python
+#: one, with the same resolvers): a summary reads every job's .hydra/config.yaml.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _read_yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=_LOADER)  # a safe loader: data, never code
+
+
 def _job_dirs(sweep_dir: Path) -> list[tuple[str, Path]]:
     """(name, directory) of every job of a sweep, in sweep order (:func:`sweep.job_dirs`)."""
     from anomaly_bench.sweep import job_dirs
@@ -85,7 +94,7 @@ def _overrides(job_dir: Path) -> dict[str, str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return {}
-    items = yaml.safe_load(path.read_text()) or []
+    items = _read_yaml(path) or []
     out = {}
     for item in items:
         key, _, value = str(item).partition("=")
@@ -98,7 +107,7 @@ def _job_config(job_dir: Path) -> dict:
     path = job_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text()) or {}
+    return _read_yaml(path) or {}
 
 
 def _job_summary(job_dir: Path) -> dict:
@@ -146,11 +155,12 @@ def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str], 
     jobs = _job_dirs(Path(sweep_dir))
     overrides = {num: _overrides(d) for num, d in jobs}
     swept = _differing(overrides)
-    configs = {num: _flatten(_job_config(d)) for num, d in jobs}
+    composed = {num: _job_config(d) for num, d in jobs}
+    configs = {num: _flatten(c) for num, c in composed.items()}
     described = [k for k in _differing({n: c for n, c in configs.items() if c}) if k not in swept]
     rows = []
     for num, d in jobs:
-        label = _job_summary(d).get("label")
+        label = (composed[num].get("summary") or {}).get("label")
         extra = {"label": str(label)} if label else {}
         for row in read_rows(d / "results.csv"):
             rows.append({**row, "job": num, **{k: overrides[num].get(k, "") for k in swept},
@@ -165,7 +175,7 @@ def sweep_settings(sweep_dir: Path) -> dict:
     settings = _job_summary(jobs[0][1]) if jobs else {}
     path = Path(sweep_dir) / "multirun.yaml"
     if not settings and path.is_file():
-        settings = (yaml.safe_load(path.read_text()) or {}).get("summary") or {}
+        settings = (_read_yaml(path) or {}).get("summary") or {}
     return settings
 
 
