@@ -31,10 +31,12 @@ simply computed. Methods thus say what they derive, never how it is cached.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
@@ -97,6 +99,44 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def nbytes(value: Any) -> int:
     """Bytes held by the tensors in ``value`` (tensors, dicts, lists and tuples of them)."""
     return sum(t.numel() * t.element_size() for t in _tensors(value)) or 64
+
+
+def content_key(tensor: torch.Tensor) -> str:
+    """SHA-1 of a tensor's shape, dtype and bytes: what names a preprocessed image's
+    content (the feature cache's entries are named by it)."""
+    t = tensor.detach().contiguous().cpu()
+    h = hashlib.sha1(f"{tuple(t.shape)}|{t.dtype}".encode())
+    h.update(memoryview(t.numpy()).cast("B"))  # the tensor's bytes, without a copy
+    return h.hexdigest()
+
+
+#: Content keys of the rows of batch tensors, attached where the rows' keys were known
+#: (memoised samples): id(tensor) -> (weak reference, version when attached, keys).
+_ROW_KEYS: dict[int, tuple[weakref.ref, int, tuple[str, ...]]] = {}
+
+
+def attach_row_keys(batch: torch.Tensor, keys: Sequence[str]) -> None:
+    """Record the :func:`content_key` of each row of ``batch`` (computed before, from the
+    same values), so that :func:`row_keys` need not hash them again."""
+    ident = id(batch)
+    ref = weakref.ref(batch, lambda _: _ROW_KEYS.pop(ident, None))
+    _ROW_KEYS[ident] = (ref, batch._version, tuple(keys))
+
+
+def attached_row_keys(batch: torch.Tensor) -> tuple[str, ...] | None:
+    """The keys attached to this very tensor when it has not been modified since (its
+    version counter), else None."""
+    held = _ROW_KEYS.get(id(batch))
+    if held is not None and held[0]() is batch and held[1] == batch._version \
+            and len(held[2]) == len(batch):
+        return held[2]
+    return None
+
+
+def row_keys(batch: torch.Tensor) -> list[str]:
+    """The :func:`content_key` of each row of ``batch``: attached, else computed."""
+    held = attached_row_keys(batch)
+    return list(held) if held is not None else [content_key(row) for row in batch]
 
 
 def file_stamp(path: str | os.PathLike | None) -> tuple | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from anomaly_bench.memo import attach_row_keys, attached_row_keys
+
 NORMAL = 0
 ANOMALOUS = 1
 
@@ -72,13 +74,15 @@ class Batch:
         """The batch in page-locked host memory (what a DataLoader with ``pin_memory``
         calls), so that :meth:`to` a CUDA device copies asynchronously."""
         return dataclasses.replace(
-            self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+            self, images=_keys_follow(self.images, self.images.pin_memory()),
+            labels=self.labels.pin_memory(),
             masks=None if self.masks is None else self.masks.pin_memory())
 
     def to(self, device: torch.device | str) -> Batch:
-        """Move the tensors to ``device`` (non-blocking where possible)."""
+        """Move the tensors to ``device`` (non-blocking where possible); content keys
+        attached to the images (:func:`anomaly_bench.memo.attach_row_keys`) go with them."""
         return Batch(
-            images=self.images.to(device, non_blocking=True),
+            images=_keys_follow(self.images, self.images.to(device, non_blocking=True)),
             labels=self.labels.to(device, non_blocking=True),
             paths=self.paths,
             defect_types=self.defect_types,
@@ -86,6 +90,14 @@ class Batch:
             rotations=None if self.rotations is None else self.rotations.to(device),
             categories=self.categories,
         )
+
+
+def _keys_follow(source: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """``copy`` of ``source`` with the content keys attached to ``source``, if any."""
+    keys = attached_row_keys(source)
+    if keys is not None and copy is not source:
+        attach_row_keys(copy, keys)
+    return copy
 
 
 @dataclass

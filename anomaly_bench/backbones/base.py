@@ -34,9 +34,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from anomaly_bench.backbones.cache import FeatureCache, image_key
+from anomaly_bench.backbones.cache import FeatureCache
 from anomaly_bench.errors import ConfigError
-from anomaly_bench.memo import Derived, known
+from anomaly_bench.memo import Derived, known, row_keys
 
 #: ImageNet's input statistics: the normalisation of timm's CNNs, MAE and most ViTs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,7 +147,7 @@ class Backbone(nn.Module):
         selected = self.block_names
         if self.cache is None:
             return self._features(self._blocks(images, every_block=False), selected)
-        keys = [image_key(img) for img in images]
+        keys = row_keys(images)  # attached by the loader to memoised samples, else hashed
         h, w = images.shape[-2:]
         shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
         for f, n in selected.items():

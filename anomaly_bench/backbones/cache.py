@@ -73,14 +73,6 @@ DTYPE = torch.float32
 Shape = tuple[int | None, ...]
 
 
-def image_key(image: torch.Tensor) -> str:
-    """SHA-1 of a preprocessed image tensor's shape, dtype and bytes."""
-    t = image.detach().contiguous().cpu()
-    h = hashlib.sha1(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(memoryview(t.numpy()).cast("B"))  # the tensor's bytes, without a copy
-    return h.hexdigest()
-
-
 def tensor_digest(t: torch.Tensor) -> str:
     """BLAKE2b-128 of a tensor's bytes in C order, read in place when contiguous."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()

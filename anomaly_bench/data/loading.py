@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from anomaly_bench.errors import AnomalyBenchError, ConfigError, DataError
-from anomaly_bench.memo import MEMO, file_stamp
+from anomaly_bench.memo import MEMO, attach_row_keys, content_key, file_stamp
 from anomaly_bench.types import ANOMALOUS, Batch, SampleRecord
 
 #: ``transform_pil(image, mask, record)`` -> ``(image, mask)`` or ``(image, mask, k)``: applied
@@ -285,12 +285,20 @@ class RecordDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The preprocessed item, kept in the process memo (:mod:`anomaly_bench.memo`) under
         the files' stamps, the preprocessing and the transform's decision for the record, so
-        the jobs of a sweep in one process decode each image once."""
+        the jobs of a sweep in one process decode each image once. A kept item also holds
+        its image's content key (``key``), which :func:`collate` attaches to the batch so
+        that the feature cache of every later job finds its entries without hashing."""
         rec = self.records[index]
         key = self._memo_key(rec)
         if key is None:
             return self._load(rec)
-        return MEMO.get_or_compute(key, lambda: self._load(rec))
+        return MEMO.get_or_compute(key, lambda: self._keyed(self._load(rec)))
+
+    @staticmethod
+    def _keyed(item: dict[str, Any]) -> dict[str, Any]:
+        if MEMO.budget > 0:  # only a kept item serves later jobs
+            item["key"] = content_key(item["image"])
+        return item
 
     def _memo_key(self, rec: SampleRecord) -> tuple | None:
         decide = getattr(self.transform_pil, "key", None)
@@ -342,8 +350,11 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
             f"Set resolution.size (or resolution.crop) so that all images share one size."
         )
     has_masks = all("mask" in it for it in items)
+    images = torch.stack([it["image"] for it in items])
+    if all("key" in it for it in items):
+        attach_row_keys(images, [it["key"] for it in items])
     return Batch(
-        images=torch.stack([it["image"] for it in items]),
+        images=images,
         labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
         paths=[it["path"] for it in items],
         defect_types=[it["defect_type"] for it in items],

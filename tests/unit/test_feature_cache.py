@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from anomaly_bench.memo import content_key
+
 LAYERS_A = {"layer1": 0, "layer2": -1}
 LAYERS_B = {"layer1": 1, "layer2": 0}
 
@@ -105,12 +107,10 @@ def _extract(root: Path | None, images: torch.Tensor) -> dict[str, torch.Tensor]
 
 def _populate(root: Path) -> tuple[torch.Tensor, list[str], list[Path]]:
     """Images, their keys and their entry files, stored through the extractor."""
-    from anomaly_bench.backbones.cache import image_key
-
     images = _images()[:2]
     _extract(root, images)
     cache = _extractor(root).cache
-    keys = [image_key(img) for img in images]
+    keys = [content_key(img) for img in images]
     paths = [cache._path(k) for k in keys]
     assert all(p.is_file() for p in paths)
     return images, keys, paths
@@ -404,7 +404,7 @@ def test_cache_stays_under_its_cap_and_keeps_what_was_read_last(tmp_path: Path, 
     fc.set_max_gb(tmp_path, 2.5 * size / fc.GIB)
     _extract(tmp_path, a)
     _extract(tmp_path, b)
-    path = {x: _extractor(tmp_path).cache._path(fc.image_key(x[0])) for x in (a, b, c)}
+    path = {x: _extractor(tmp_path).cache._path(content_key(x[0])) for x in (a, b, c)}
     now = time.time()
     os.utime(path[a], (now - 20, now - 20))  # a written first, b later
     os.utime(path[b], (now - 10, now - 10))
@@ -499,7 +499,7 @@ def test_a_write_whose_folder_vanished_is_retried(tmp_path: Path, caplog, no_mem
         _extract(tmp_path, images)
     assert failed and not _warnings(caplog)
     cache = _extractor(tmp_path).cache
-    assert all(cache._path(fc.image_key(img)).is_file() for img in images)
+    assert all(cache._path(content_key(img)).is_file() for img in images)
 
 
 def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, capsys):

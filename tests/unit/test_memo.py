@@ -244,3 +244,42 @@ def test_a_known_value_modified_in_place_loses_its_key():
     t.copy_(torch.ones(4))  # e.g. a checkpoint loaded into fitted buffers
     assert value.key is None
     assert derive("test.sum", lambda v: v[0].sum(), value).key is None
+
+
+def test_batches_of_kept_samples_carry_their_content_keys(make_dataset, monkeypatch):
+    """A kept sample holds its image's content key; the batch of such samples carries
+    them (also once moved), so the feature cache finds its entries without hashing; a
+    batch modified in place is hashed again."""
+    from fixtures import preprocess
+
+    import anomaly_bench.data.loading as loading
+    import anomaly_bench.memo as memo_module
+    from anomaly_bench.data import get_layout
+
+    root = make_dataset("mvtec")
+    split = get_layout("mvtec").split(root, "bottle")
+    hashed = []
+    original = memo_module.content_key
+    monkeypatch.setattr(memo_module, "content_key", lambda t: hashed.append(1) or original(t))
+    monkeypatch.setattr(loading, "content_key", memo_module.content_key)
+
+    def batches():
+        return list(loading.make_loader(split.test, preprocess(size=32, crop=None), 3, 0))
+
+    first = batches()
+    assert len(hashed) == len(split.test)  # each image hashed once, when it was kept
+    again = batches()
+    want = [original(row) for b in again for row in b.images]
+    hashed.clear()
+    assert [k for b in again for k in memo_module.row_keys(b.images)] == want
+    assert hashed == []  # the feature cache hashes nothing
+    moved = again[0].to("meta")
+    assert memo_module.attached_row_keys(moved.images) == tuple(want[:3])
+    again[0].images.mul_(2)  # modified in place: its old keys no longer name it
+    assert memo_module.row_keys(again[0].images) == [original(r) for r in again[0].images]
+    assert first[0].images is not again[0].images  # each job still gets its own batch
+    MEMO.configure(0)  # a single run keeps nothing and hashes nothing ahead
+    MEMO.clear()
+    hashed.clear()
+    batches()
+    assert hashed == []
