@@ -26,6 +26,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 
 from anomaly_bench.errors import DataError
+from anomaly_bench.paths import check_name
 from anomaly_bench.types import ANOMALOUS, NORMAL, CategorySplit, SampleRecord
 
 from .layout_utils import names
@@ -81,7 +82,7 @@ def honoured(dataset: str, root: Path) -> dict | None:
     return index(root) if dataset in SPECIES else None
 
 
-def categories(data: dict) -> list[str]:
+def categories_of(data: dict) -> list[str]:
     """Categories listed for both phases, sorted."""
     return sorted(set(data["train"]) & set(data["test"]))
 
@@ -127,10 +128,10 @@ def _record(root: Path, path: Path, phase: str, category: str, i: int, entry: ob
     return SampleRecord(image, ANOMALOUS if label else NORMAL, defect, mask)
 
 
-def split(dataset: str, root: Path, data: dict, category: str) -> CategorySplit:
+def split_of(dataset: str, root: Path, data: dict, category: str) -> CategorySplit:
     """``category`` of the index ``data`` (read from ``root``'s meta.json), every entry checked."""
     path = path_of(root)
-    listed = categories(data)
+    listed = categories_of(data)
     if category not in listed:
         raise DataError(
             f"Category '{category}' is not listed in {path} (it lists {names(listed)}). The "
@@ -144,6 +145,33 @@ def split(dataset: str, root: Path, data: dict, category: str) -> CategorySplit:
     log.debug("%s: %s read through %s", dataset, category, path)
     return CategorySplit(dataset=dataset, category=category, root=Path(root),
                          train=phases["train"], test=phases["test"], has_masks=True)
+
+
+class Indexed:
+    """A layout the official repositories index with a meta.json: its categories and
+    splits come from the root's index when there is one, else from ``read_categories``
+    and ``read_split`` (the dataset's own files, what :func:`build` indexes)."""
+
+    name: str
+
+    def read_categories(self, root: Path) -> list[str]:
+        raise NotImplementedError
+
+    def read_split(self, root: Path, category: str) -> CategorySplit:
+        raise NotImplementedError
+
+    def categories(self, root: Path) -> list[str]:
+        index = honoured(self.name, Path(root))
+        return categories_of(index) if index is not None else self.read_categories(root)
+
+    def split(self, root: Path, category: str) -> CategorySplit:
+        """Records of ``category`` (a plain name, else ConfigError)."""
+        root = Path(root)
+        check_name(category, "dataset.category")
+        index = honoured(self.name, root)
+        if index is not None:
+            return split_of(self.name, root, index, category)
+        return self.read_split(root, category)
 
 
 def _entry(root: Path, record: SampleRecord, category: str, species: bool) -> dict:

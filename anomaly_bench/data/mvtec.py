@@ -34,7 +34,7 @@ from .registry import register_layout
 
 
 @dataclass(frozen=True)
-class MVTecLikeLayout:
+class MVTecLikeLayout(meta.Indexed):
     """Reader of an MVTec-like tree, parameterised by its naming rules.
 
     ``good``: name of the normal-image folder in train/ and test/. ``mask_suffixes``: what
@@ -78,12 +78,6 @@ class MVTecLikeLayout:
         """True when ``folder`` holds a ``train/<good>`` folder."""
         return (folder / "train" / self.good).is_dir()
 
-    def categories(self, root: Path) -> list[str]:
-        root = Path(root)
-        if (index := meta.honoured(self.name, root)) is not None:
-            return meta.categories(index)
-        return self.read_categories(root)
-
     def read_categories(self, root: Path) -> list[str]:
         """The category folders under ``root``."""
         root = Path(root)
@@ -96,16 +90,6 @@ class MVTecLikeLayout:
     def category_dir(self, root: Path, category: str) -> Path:
         """The folder of ``category`` under ``root`` (validated by :meth:`split`)."""
         return Path(root) / category
-
-    def split(self, root: Path, category: str) -> CategorySplit:
-        """Records of ``category`` (a plain name, else ConfigError): through the root's
-        meta.json where the layout has one (:mod:`~anomaly_bench.data.meta`), else read
-        from its tree."""
-        root = Path(root)
-        check_name(category, "dataset.category")
-        if (index := meta.honoured(self.name, root)) is not None:
-            return meta.split(self.name, root, index, category)
-        return self.read_split(root, category)
 
     def read_split(self, root: Path, category: str) -> CategorySplit:
         """Records of ``category`` read from its tree (what ``meta.json`` is written from)."""

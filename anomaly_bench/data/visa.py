@@ -44,7 +44,7 @@ def _read_split(path: Path, stamp: tuple[int, int]) -> tuple[dict[str, str], ...
 
 
 @register_layout
-class VisaLayout:
+class VisaLayout(meta.Indexed):
     """VisA's 12 categories, train/test by the official one-class split."""
 
     name = "visa"
@@ -59,24 +59,10 @@ class VisaLayout:
         st = path.stat()
         return _read_split(path, (st.st_size, st.st_mtime_ns))
 
-    def categories(self, root: Path) -> list[str]:
-        if (index := meta.honoured(self.name, root)) is not None:
-            return meta.categories(index)
-        return self.read_categories(root)
-
     def read_categories(self, root: Path) -> list[str]:
         """The split file's categories that have a folder."""
         found = {r["object"] for r in self._rows(root)}
         return sorted(c for c in found if (Path(root) / c / "Data").is_dir())
-
-    def split(self, root: Path, category: str) -> CategorySplit:
-        """Records of ``category``: through the root's meta.json when it has one
-        (:mod:`~anomaly_bench.data.meta`), else by the split file."""
-        root = Path(root)
-        check_name(category, "dataset.category")
-        if (index := meta.honoured(self.name, root)) is not None:
-            return meta.split(self.name, root, index, category)
-        return self.read_split(root, category)
 
     def read_split(self, root: Path, category: str) -> CategorySplit:
         """Records of ``category`` by the official split file."""
