@@ -1,11 +1,13 @@
 """Per-image test time of every method, split into backbone forward and the rest.
 
 Each method runs at its default settings (config group defaults: paper layers, paper
-preprocessing) on the same synthetic category in one process: fit on the training
-images (except zero-shot methods), then predict the test set while the extractor's
-forward pass is timed separately. "rest" is everything after the backbone: feature
-aggregation, kNN / Mahalanobis scoring, upsampling and blur. The test set is scored
-three times and the fastest pass is reported.
+preprocessing, the backbone's normalisation, as a run preprocesses) on the same synthetic
+category in one process: fit on the training images (except zero-shot methods), then
+predict the test set while the extractor's passes are timed separately (its forward and,
+for CLIP towers, the window and joint passes: ``encode_windows``,
+``features_and_embedding``). "rest" is everything after the backbone: feature
+aggregation, kNN / Mahalanobis scoring, text similarities, upsampling and blur. The test
+set is scored three times and the fastest pass is reported.
 
 ``--plain`` adds, for SPADE and PatchCore, a row for the same fitted model with the
 plain exact search (SPADE without the bfloat16 screen of ``ops/screen.py``, PatchCore
@@ -15,7 +17,7 @@ pixel maps and image scores is printed. ``--n-train`` and ``--generator-seed`` g
 another synthetic dataset (under ``<data-root>/synthetic_n<N>_s<seed>``), e.g. one not
 used while tuning.
 
-    python benchmarks/bench_methods.py [--methods padim patchcore spade texture_knn]
+    python benchmarks/bench_methods.py [--methods padim patchcore spade texture_knn winclip]
         [--category stripes] [--data-root data] [--device cpu] [--plain]
         [--n-train 32] [--generator-seed 0]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -33,12 +36,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_bench.data import Preprocess, ensure_synthetic, get_layout, make_loader
-from anomaly_bench.methods import build_method
+from anomaly_bench.methods import MethodContext, build_method
+from anomaly_bench.methods.base import method_defaults
 from anomaly_bench.runtime import Stopwatch, resolve_device
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+#: the extractor's passes through the backbone (CLIP towers have more than forward)
+PASSES = ("forward", "encode_windows", "features_and_embedding")
 
 
 def method_config(name: str, extra: list[str]) -> dict:
@@ -77,25 +82,42 @@ def measure(name: str, split, device: torch.device, batch_size: int, extra: list
     cfg = method_config(name, extra)
     method_cfg, res = cfg["method"], cfg["resolution"]
     model = build_method(method_cfg, cfg["backbone"], cfg["layers"], seed=0).to(device).eval()
-    pre = Preprocess(size=res["size"], crop=res["crop"], mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     resample="bilinear", mask_resample="nearest")
+    mean, std = model.normalisation
+    filters = {**method_defaults(name), **method_cfg}
+    pre = Preprocess(size=res["size"], crop=res["crop"], mean=mean, std=std,
+                     resample=filters["input_resample"], mask_resample=filters["mask_resample"])
 
     def batches(records):
         for b in make_loader(records, pre, batch_size, 0, with_masks=False):
             yield b.to(device)
 
-    fit = Stopwatch(device)
-    with fit:
-        model.fit([] if model.zero_shot else batches(split.train))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.setup(MethodContext(
+            dataset="synthetic", category=split.category,
+            class_name=split.category.replace("_", " "), references=None, device=device,
+            seed=0, out_dir=Path(tmp), resume=False))
+        fit = Stopwatch(device)
+        with fit:
+            model.fit([] if model.zero_shot else batches(split.train))
     forward = Stopwatch(device)
     extractor = model.extractor
-    inner = extractor.forward
+    inner = {p: getattr(extractor, p) for p in PASSES if hasattr(extractor, p)}
+    depth = [0]
 
-    def timed_forward(images):
-        with forward:
-            return inner(images)
+    def timed(fn):
+        def call(*a, **k):  # only the outermost pass counts (one may call another)
+            depth[0] += 1
+            try:
+                if depth[0] > 1:
+                    return fn(*a, **k)
+                with forward:
+                    return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+        return call
 
-    extractor.forward = timed_forward
+    for p, fn in inner.items():
+        setattr(extractor, p, timed(fn))
     test_images = [b for b in batches(split.test)]
     variants: list[tuple[str, Callable[[], AbstractContextManager]]] = [(name, nullcontext)]
     if plain and name in ("spade", "patchcore"):
@@ -107,14 +129,15 @@ def measure(name: str, split, device: torch.device, batch_size: int, extra: list
             outputs[label] = [model.predict(b) for b in test_images]
     for _ in range(repeats):  # the fastest pass: least disturbed by other processes
         for label, ctx in variants:  # alternating: the variants share the machine's load
-            forward.seconds = 0.0
+            forward = Stopwatch(device)  # this pass's passes through the backbone
             total = Stopwatch(device)
             with ctx():
                 for b in test_images:
                     with total:
                         model.predict(b)
             passes[label].append((total.seconds, forward.seconds))
-    extractor.forward = inner
+    for p, fn in inner.items():
+        setattr(extractor, p, fn)
     n = len(split.test)
     rows = []
     for label, _ in variants:
