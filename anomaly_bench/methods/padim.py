@@ -197,8 +197,14 @@ class Padim(AnomalyMethod):
 
 
 def select_channels(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout."""
-    return block.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout.
+
+    Selected as columns of the (B h w, C) matrix the channels-last block is: ``index_select``
+    along the last dimension of a 4-d tensor takes 3-5 times as long on the CPU.
+    """
+    b, c, h, w = block.shape
+    rows = block.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when channels-last
+    return rows.index_select(1, index).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _level_cross(features: torch.Tensor, fitted: tuple[torch.Tensor, torch.Tensor]
