@@ -32,13 +32,17 @@ def _packable(scores: torch.Tensor, payload: torch.Tensor) -> bool:
 
 
 def _descending_code(bits: np.ndarray) -> np.ndarray:
-    """uint32 codes whose ascending order is the descending order of the float32 ``bits``.
+    """uint32 codes whose ascending order is the descending order of the float32 ``bits``,
+    written over ``bits`` (returned).
 
     A non-negative float keeps its sign bit (0) and has its magnitude bits inverted; a
     negative one is kept as is. The map is its own inverse.
     """
-    positive = (bits >> np.uint32(31)) ^ np.uint32(1)
-    return bits ^ (positive * _MAGNITUDE)
+    flip = bits >> np.uint32(31)
+    flip ^= np.uint32(1)
+    flip *= _MAGNITUDE
+    bits ^= flip
+    return bits
 
 
 def sort_desc(scores: torch.Tensor, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,17 +53,17 @@ def sort_desc(scores: torch.Tensor, payload: torch.Tensor) -> tuple[torch.Tensor
     if not _packable(scores, payload):
         ordered, order = torch.sort(scores, descending=True)
         return ordered, payload[order]
-    # +0.0 turns -0.0 into +0.0, so equal scores have equal bits
+    # +0.0 turns -0.0 into +0.0, so equal scores have equal bits (and this is a copy)
     bits = (scores.contiguous() + 0.0).numpy().view(np.uint32)
-    # Every step below works in place or reads a view: each fresh array of this size costs
-    # as much as the arithmetic on it (page faults), and a sort of 1.5 M keys takes ~10 ms.
+    # Every step below works in place or reads a view: a fresh array of this size costs
+    # as much as the arithmetic on it (page faults), and the sort of 1.5 M keys ~10 ms.
     keys = _descending_code(bits).astype(np.uint64)
     keys <<= np.uint64(32)
     carry = payload.numpy()
     keys |= carry.view(f"u{carry.itemsize}")  # bool or non-negative ints: the same bits
     keys.sort()
     high = keys.view(np.uint32)[_HIGH::2]  # the code, without a shifted copy
-    ordered = torch.from_numpy(_descending_code(high).view(np.float32))
+    ordered = torch.from_numpy(_descending_code(high.copy()).view(np.float32))
     keys &= _LOW  # the payload, below 2^32: the same bits as int64
     carried = torch.from_numpy(keys.view(np.int64))
     return ordered, carried.bool() if payload.dtype == torch.bool else carried
