@@ -335,3 +335,39 @@ def test_cuda_matches_cpu():
     m, k = _torch(maps, masks, torch.float32)
     for fn in (aupro_200, aupro_200_per_image):
         assert fn(m.cuda(), k.cuda()) == pytest.approx(fn(m, k), abs=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_buckets_read_off_the_step_equal_a_binary_search(offset):
+    """The CPU's per-image buckets equal ``searchsorted``: with scores on thresholds
+    (rounded maps) and where float32 cannot tell thresholds apart (a large offset makes
+    many of the 200 round to one value, so the count read off the step is checked and
+    searched again)."""
+    maps, masks = _case(6, n=6, decimals=2)
+    scale = 1e-3 if offset else 1.0
+    m = torch.from_numpy(maps).float() * scale + offset
+    s = m.reshape(len(m), -1)
+    lo, hi = s.amin(1), s.amax(1)
+    t = pro200_module._thresholds(lo, hi, s.dtype)
+    if offset:
+        assert t[2].unique().numel() < pro200_module.STEPS
+    assert torch.equal(pro200_module._below(s, t, lo, hi), torch.searchsorted(t, s))
+    k = torch.from_numpy(masks)
+    assert aupro_200_per_image(m, k) == pytest.approx(
+        slow_per_image(m.double().numpy(), masks), abs=1e-6)
+
+
+def test_a_score_on_a_threshold_where_the_step_rounds_up_is_searched():
+    """lo = 0, hi = 0.42268723: t_15 = 15 (hi - lo) / 200 is a float32 value, and
+    (t_15 - lo) / step rounds to just above 15 in float64, so the count read off the step
+    (16) is wrong for that score; the check finds it and the search gives 15."""
+    hi = np.float32(0.42268723)
+    on = np.float32(15 * (float(hi) / 200))
+    assert float(on) == 15 * (float(hi) / 200)
+    assert math.ceil(float(on) / (float(hi) / 200)) == 16
+    s = torch.tensor([[0.0, float(hi), float(on), 0.2, 0.1]], dtype=torch.float32)
+    lo, top = s.amin(1), s.amax(1)
+    t = pro200_module._thresholds(lo, top, s.dtype)
+    below = pro200_module._below(s, t, lo, top)
+    assert int(below[0, 2]) == 15
+    assert torch.equal(below, torch.searchsorted(t, s))
