@@ -156,7 +156,7 @@ def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
     for start in range(0, p, chunk):
         m = (eye * (reg * (n - 1))).expand(min(chunk, p - start), n, n).clone()
         for g, idx in zip(grams, index, strict=True):
-            m += g[idx[start:start + chunk]]
+            m += g.index_select(0, idx[start:start + chunk])
         chol = torch.linalg.cholesky(m)
         inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
         out[start:start + chunk] = inv.transpose(1, 2)
@@ -215,8 +215,8 @@ def lowrank_distance(cross: Sequence[torch.Tensor], sq: Sequence[torch.Tensor],
     out = torch.empty(p, cross[0].shape[1], device=device, dtype=torch.float64)
     for start in range(0, p, chunk):
         rows = [idx[start:start + chunk] for idx in index]
-        b = sum(c[r] for c, r in zip(cross, rows, strict=True))  # (p, B, N)
-        s = sum(q[r] for q, r in zip(sq, rows, strict=True))
+        b = sum(c.index_select(0, r) for c, r in zip(cross, rows, strict=True))  # (p, B, N)
+        s = sum(q.index_select(0, r) for q, r in zip(sq, rows, strict=True))
         c = torch.bmm(b, whiten[start:start + chunk])  # rows: (L^-1 X delta)^T
         out[start:start + chunk] = (s - torch.linalg.vecdot(c, c)) / reg
     return out.clamp_min_(0).sqrt_().t()
