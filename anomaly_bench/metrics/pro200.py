@@ -139,9 +139,10 @@ def _below(scores: torch.Tensor, t: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     of ``t`` (:func:`_thresholds` of ``lo``, ``hi``).
 
     On the CPU a binary search per score (``torch.searchsorted``) takes about three times
-    as long as reading the count off ``(s - lo) / step`` and checking it against the two
-    thresholds around it; the few scores the check rejects (thresholds that float32 cannot
-    tell apart) are searched. On CUDA the search is fast and used as is.
+    as long as reading the count off ``ceil((s - lo) / step)`` and checking it against the
+    two thresholds around it; the rare scores the check rejects (a score exactly on a
+    threshold where the float64 division rounds past the integer) are searched. On CUDA
+    the search is fast and used as is.
     """
     if scores.device.type != "cpu":
         return torch.searchsorted(t, scores)
