@@ -47,7 +47,6 @@ import logging
 import os
 import re
 import struct
-import sys
 import threading
 import time
 from collections import deque
@@ -512,23 +511,10 @@ def _touch(paths: Sequence[Path], force: bool = False) -> None:
             pass
 
 
-def _yield_cpu() -> None:
-    """Run the writer thread at the lowest priority, so that it takes the cores the
-    computation leaves idle instead of descheduling one of its threads (every parallel
-    torch operation then waits for that thread: measured, the sweep's first job ran 1 s
-    longer with a writer at normal priority). Linux only, where a thread is a task."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-
-
 def _writer() -> ThreadPoolExecutor:
     global _EXECUTOR
     if _EXECUTOR is None:
-        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache",
-                                       initializer=_yield_cpu)
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-cache")
         atexit.register(flush_writes)
     return _EXECUTOR
 
