@@ -6,7 +6,9 @@ synthetic category without the feature cache (with the preset's alignment) and (
 ``anomaly-bench -m experiment=<preset>`` on the same category with an empty feature
 cache (all 72 jobs, or with ``--jobs 4`` the 4 jobs of layer3 = 2..5 at the default
 layer1 and layer2), and prints both wall times, their ratio, the median job (fit + test
-seconds from each job's row), how many jobs ran the backbone (each job logs where its
+seconds from each job's row), the first job's time and the median time from one job's
+start to the next's (from the time stamps of the job logs: on a machine with slow spells
+these move least), how many jobs ran the backbone (each job logs where its
 block outputs came from: memory, disk or the backbone) and the cache folder's size at the
 end. Job 0 of a sweep runs the backbone once per image and stores every block of
 layer1-3; the other jobs should read them from the in-process memo or from the files.
@@ -29,6 +31,7 @@ the backbone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -37,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 from anomaly_bench.report.results import read_rows
@@ -45,6 +50,8 @@ PRESETS = {"padim_screw_layers": "none", "padim_screw_layers_orb90": "orb90"}
 #: the 4-job sweep: layer3 = 2..5 at the default layer1 and layer2
 FOUR_JOBS = ["layers.layer1=2", "layers.layer2=3", "layers.layer3=2,3,4,5"]
 #: the per-job line report/callbacks.py logs
+#: the time stamp that starts each line of a job log
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
 SOURCES = re.compile(r"feature cache: (\d+) images from memory, (\d+) from disk, "
                      r"(\d+) through the backbone")
 
@@ -71,17 +78,29 @@ def cache_size(root: Path) -> float:
     return sum(p.stat().st_size for p in root.rglob("*.safetensors")) / 2**30
 
 
-def sweep_jobs(sweep: Path) -> tuple[int, list[str], list[float]]:
-    """(number of jobs, the jobs that ran the backbone, fit + test s per job)."""
+def sweep_jobs(sweep: Path) -> tuple[int, list[str], list[float], float, float]:
+    """(number of jobs, the jobs that ran the backbone, fit + test s per job, the first
+    job's s and the median s from one job's start to the next's after it, both from the
+    time stamps of the job logs)."""
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.csv").is_file())
-    backbone, seconds = [], []
+    backbone, seconds, spans = [], [], []
     for job in jobs:
         for log in job.glob("*.log"):
-            if any(int(m.group(3)) for m in SOURCES.finditer(log.read_text())):
+            text = log.read_text()
+            if any(int(m.group(3)) for m in SOURCES.finditer(text)):
                 backbone.append(job.name)
+            stamps = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                      for m in STAMP.finditer(text)]
+            if stamps:
+                num = json.loads((job / "job.json").read_text())["num"]
+                spans.append((num, stamps[0], stamps[-1]))
         for row in read_rows(job / "results.csv"):
             seconds.append(float(row["train_s"]) + float(row["test_s"]))
-    return len(jobs), backbone, seconds
+    spans.sort()
+    first = (spans[0][2] - spans[0][1]).total_seconds() if spans else float("nan")
+    steps = [(b[1] - a[1]).total_seconds() for a, b in pairwise(spans[1:])]
+    step = statistics.median(steps) if steps else float("nan")
+    return len(jobs), backbone, seconds, first, step
 
 
 def main() -> None:
@@ -101,6 +120,7 @@ def main() -> None:
     data_root = Path(args.data_root).resolve()
     times: dict[tuple[str, str], list[tuple[tuple[float, float], tuple[float, float]]]] = {}
     info: dict[tuple[str, str], tuple[int, list[str], float, float]] = {}
+    steps: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         common = ["dataset=synthetic", f"dataset.category={args.category}",
@@ -119,17 +139,21 @@ def main() -> None:
                                  f"backbone.cache.dir={cache}", f"hydra.sweep.dir=sweep_{tag}"],
                                 work, code)
                     times.setdefault((preset, code), []).append((single, sweep))
-                    n_jobs, backbone, seconds = sweep_jobs(work / f"sweep_{tag}")
+                    n_jobs, backbone, seconds, first, step = sweep_jobs(work / f"sweep_{tag}")
+                    steps.setdefault((preset, code), []).append((first, step))
                     info[(preset, code)] = (n_jobs, backbone, statistics.median(seconds),
                                             cache_size(cache))
     print(f"category {args.category}, memory_cache_gb={args.memory_cache_gb}, "
           f"{args.rounds} round(s), medians\n")
     print("wall: elapsed seconds; CPU: user + system seconds of the command's processes "
           "(what load from other processes on the machine disturbs least)\n")
+    print("job 0 s and job to job s: from the job logs' time stamps, the first job's time "
+          "and the median time from one job's start to the next's after it (a machine's slow "
+          "spells move them least)\n")
     print("| preset | code | single run s (wall / CPU) | sweep s (wall / CPU) | jobs | "
-          "sweep / single (wall / CPU) | median job s (fit+test) | jobs that ran the backbone "
-          "| cache GiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+          "sweep / single (wall / CPU) | job 0 s | job to job s | median job s (fit+test) | "
+          "jobs that ran the backbone | cache GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for (preset, code), pairs in times.items():
         cells = []
         for i in (0, 1):  # wall, CPU
@@ -138,9 +162,12 @@ def main() -> None:
             ratio = statistics.median(p[1][i] / p[0][i] for p in pairs)
             cells.append((single, sweep, ratio))
         n_jobs, backbone, median, size = info[(preset, code)]
+        first = statistics.median(f for f, _ in steps[(preset, code)])
+        step = statistics.median(t for _, t in steps[(preset, code)])
         (sw, sc), (ww, wc), (rw, rc) = zip(*cells, strict=True)
         print(f"| {preset} | {code} | {sw:.1f} / {sc:.1f} | {ww:.1f} / {wc:.1f} | {n_jobs} | "
-              f"{rw:.2f} / {rc:.2f} | {median:.2f} | {len(backbone)} | {size:.2f} |")
+              f"{rw:.2f} / {rc:.2f} | {first:.2f} | {step:.3f} | {median:.2f} | "
+              f"{len(backbone)} | {size:.2f} |")
 
 
 if __name__ == "__main__":
