@@ -82,7 +82,6 @@ class JobConfigs:
         self._template = _Template(master, parsed, pickle.dumps(config))
         return config
 
-
     def _parse(self, line: str) -> Override:
         """One override, parsed once per sweep: the jobs share all but their swept values,
         and Hydra's grammar takes about half a millisecond per override."""

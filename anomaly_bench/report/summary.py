@@ -110,9 +110,9 @@ def _job_config(job_dir: Path) -> dict:
     return _read_yaml(path) or {}
 
 
-def _job_summary(job_dir: Path) -> dict:
-    """The ``summary`` section of a job's composed config, if any."""
-    return _job_config(job_dir).get("summary") or {}
+def _summary_section(config: dict) -> dict:
+    """The ``summary`` section of a composed config, if any."""
+    return config.get("summary") or {}
 
 
 def _text(value: Any) -> str:
@@ -160,7 +160,7 @@ def collect_job_rows(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str], 
     described = [k for k in _differing({n: c for n, c in configs.items() if c}) if k not in swept]
     rows = []
     for num, d in jobs:
-        label = (composed[num].get("summary") or {}).get("label")
+        label = _summary_section(composed[num]).get("label")
         extra = {"label": str(label)} if label else {}
         for row in read_rows(d / "results.csv"):
             rows.append({**row, "job": num, **{k: overrides[num].get(k, "") for k in swept},
@@ -172,10 +172,10 @@ def sweep_settings(sweep_dir: Path) -> dict:
     """Summary settings of the sweep: the first job's composed config (which includes its
     ``experiment=`` preset and command-line overrides), else the sweep's multirun.yaml."""
     jobs = _job_dirs(Path(sweep_dir))
-    settings = _job_summary(jobs[0][1]) if jobs else {}
+    settings = _summary_section(_job_config(jobs[0][1])) if jobs else {}
     path = Path(sweep_dir) / "multirun.yaml"
     if not settings and path.is_file():
-        settings = (_read_yaml(path) or {}).get("summary") or {}
+        settings = _summary_section(_read_yaml(path) or {})
     return settings
 
 
