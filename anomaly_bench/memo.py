@@ -199,26 +199,27 @@ class Memo:
             return item[0]
 
     def put(self, key: Hashable, value: Any, size: int | None = None,
-            spill: bool = False) -> None:
-        """Keep ``value`` under ``key`` unless it alone exceeds the budget. Values holding
-        accelerator tensors are not kept: device memory belongs to the running job.
-        ``spill``: the value can be read back from elsewhere (a file), so it is evicted
-        before values that must be recomputed."""
+            spill: bool = False) -> bool:
+        """Keep ``value`` under ``key`` unless it alone exceeds the budget; True when kept.
+        Values holding accelerator tensors are not kept: device memory belongs to the
+        running job. ``spill``: the value can be read back from elsewhere (a file), so it
+        is evicted before values that must be recomputed."""
         if any(t.device.type != "cpu" for t in _tensors(value)):
-            return
+            return False
         size = nbytes(value) if size is None else int(size)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
             if size > self.budget:
-                return
+                return False
             if not self._make_room():
                 self.declined += 1
-                return
+                return False
             self._items[key] = (value, size, spill)
             self._bytes += size
             self._evict()
+            return True
 
     def _make_room(self) -> bool:
         """Evict while the host has less than the reserve available; False when that is

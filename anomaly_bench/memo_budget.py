@@ -4,7 +4,7 @@ by its share of the machine.
 A job of a sweep can reuse, from the memo, what it and the jobs before it in the same
 process read: the preprocessed images of its categories, the block outputs the feature
 cache serves for them, and what its method derives from those (PaDiM's per-block
-statistics, bounded by what the method holds while fitting). That is the job's *work*;
+statistics and test cross terms, the method's ``memo_bytes``). That is the job's *work*;
 more memo than that is never filled. Its *share* of the machine is the memory it may
 still take: the host's ``MemAvailable``, or what the job's cgroup allows when that is less
 (a SLURM job's ``--mem``, a container's limit), plus what the memo already holds (it can
@@ -100,16 +100,16 @@ def share(footprint_bytes: int, workers: int | None = None) -> int | None:
 
 
 def work(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[int, int]],
-         cached: bool, method_bytes: int, selected: int = 0) -> int:
+         cached: bool, derived_bytes: int, selected: int = 0) -> int:
     """Bytes of what a job over ``n_images`` images of ``size`` (H, W) keeps in the memo:
     each preprocessed image (3 x H x W float32), the block outputs the feature cache stores
     per image when it is on (``stored_blocks``: name -> (channels, stride)), and what the
-    method derives from them: ``method_bytes`` (what it holds while fitting on its
-    ``selected`` blocks, in float32) kept in float64 as the statistics are, per block, for
-    every stored block the sweep's other jobs select."""
+    method derives from them (``derived_bytes`` for its ``selected`` blocks,
+    :meth:`~anomaly_bench.methods.AnomalyMethod.memo_bytes`), per block, for every stored
+    block the sweep's other jobs select."""
     h, w = size
     per_image = 3 * h * w * FLOAT
-    derived = 2 * int(method_bytes)
+    derived = int(derived_bytes)
     if cached:
         per_image += sum(c * max(1, h // s) * max(1, w // s) * FLOAT
                          for c, s in stored_blocks.values())
@@ -119,7 +119,7 @@ def work(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[in
 
 
 def auto(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[int, int]],
-         cached: bool, method_bytes: int, footprint_bytes: int, selected: int = 0) -> Budget:
+         cached: bool, derived_bytes: int, footprint_bytes: int, selected: int = 0) -> Budget:
     """The memo budget of a job (:class:`Budget`): its work bounded by its share."""
-    return Budget(work(n_images, size, stored_blocks, cached, method_bytes, selected),
+    return Budget(work(n_images, size, stored_blocks, cached, derived_bytes, selected),
                   share(footprint_bytes))

@@ -559,7 +559,8 @@ class Runner:
                                                             for r in s.test + s.train}
             extractor = next(iter(backbones.values()))  # the one reading the input
             memo = memo_budget.auto(len(images), (h, w), extractor.stored_blocks(),
-                                    extractor.cache is not None, fp.method, fp.total,
+                                    extractor.cache is not None,
+                                    method.memo_bytes(n_fit, n_test, shapes), fp.total,
                                     len(extractor.channels))
             MEMO.configure(memo.bytes)
             log.info("memory_cache_gb=auto: %.2f GiB (this job's work %.2f GiB, its share of "

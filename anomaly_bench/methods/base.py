@@ -170,6 +170,13 @@ class AnomalyMethod(nn.Module, ABC):
         (:mod:`anomaly_bench.footprint`)."""
         return 0
 
+    def memo_bytes(self, n_fit: int, n_test: int,
+                   shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """Bytes of what the method derives from its blocks and keeps in the in-process memo
+        for a sweep's later jobs (``memory_cache_gb=auto`` sizes the memo with it): by
+        default what fitting holds, in float64."""
+        return 2 * self.fit_bytes(n_fit, shapes) if n_fit else 0
+
     def _tags(self, what: str) -> str:
         """``<first> + <name>=<tag> ...`` of attribute ``what`` over the backbones."""
         tags = [str(getattr(b, what, "")) for b in self.backbones().values()]

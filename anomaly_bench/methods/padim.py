@@ -155,6 +155,18 @@ class Padim(AnomalyMethod):
                    for s, p in zip(self.stages, grid, strict=True))
         return 4 * n_images * kept + 4 * grid[0] * n_images * n_images
 
+    def memo_bytes(self, n_fit: int, n_test: int,
+                   shapes: Mapping[str, tuple[int, int, int]]) -> int:
+        """The low-rank solver's float64 shares per stage (:func:`level_stats`: mean,
+        centred samples and Gram matrices; :func:`level_cross` of the test images)."""
+        if self.solver == "full" or (self.solver == "auto" and n_fit > self.channel_idx.numel()):
+            return super().memo_bytes(n_fit, n_test, shapes)
+        total = 0
+        for s in self.stages:
+            c, p = self.get_buffer(f"channels_{s}").numel(), shapes[s][1] * shapes[s][2]
+            total += 8 * p * (c * (n_fit + 1) + n_fit * n_fit + n_test * (n_fit + 1))
+        return total
+
     def _statistics(self, stage: str) -> Derived[tuple[torch.Tensor, torch.Tensor]]:
         """The fitted (mean, centred samples) of one stage, named as derived by ``fit``."""
         fitted = self._fitted.get(stage)

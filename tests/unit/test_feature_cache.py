@@ -502,6 +502,39 @@ def test_a_write_whose_folder_vanished_is_retried(tmp_path: Path, caplog, no_mem
     assert all(cache._path(content_key(img)).is_file() for img in images)
 
 
+@pytest.mark.parametrize("memo", [True, False])
+def test_written_entries_leave_the_page_cache_only_when_the_memo_holds_them(
+        tmp_path: Path, monkeypatch, memo):
+    """An entry the memo keeps is synced and dropped from the page cache (a second copy
+    of the same bytes in memory); one it does not keep stays there for the jobs that read
+    it back, unless memory is short. Either way the file holds the entry."""
+    from anomaly_bench.backbones import cache as fc
+    from anomaly_bench.memo import MEMO
+
+    write, released = fc.write_entry, []
+
+    def recorded(path, tensors, release=False):
+        released.append(release)
+        return write(path, tensors, release=release)
+
+    monkeypatch.setattr(fc, "write_entry", recorded)
+    monkeypatch.setattr(fc, "_memory_short", lambda: False)
+    budget = MEMO.budget
+    MEMO.clear()
+    MEMO.configure(2**30 if memo else 0)
+    try:
+        images = _images()[:2]
+        first = _extract(tmp_path, images)
+        MEMO.clear()  # the second extraction reads the files
+        again = _extract(tmp_path, images)
+    finally:
+        MEMO.clear()
+        MEMO.configure(budget)
+    assert released == [memo, memo]
+    for stage in LAYERS:
+        assert torch.equal(again[stage], first[stage])
+
+
 def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, capsys):
     import subprocess
     import sys

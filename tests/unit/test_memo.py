@@ -25,8 +25,9 @@ def test_lru_evicts_least_recent_by_bytes():
     assert memo.get("a") is not None  # a is now the most recent
     memo.put("d", torch.zeros(100))
     assert memo.get("b") is None and memo.get("a") is not None and memo.get("d") is not None
-    memo.put("huge", torch.zeros(1000))  # larger than the whole budget: not kept
+    assert not memo.put("huge", torch.zeros(1000))  # larger than the whole budget: not kept
     assert memo.get("huge") is None and memo.size <= memo.budget
+    assert memo.put("e", torch.zeros(100))  # put says whether it kept the value
     memo.configure(0)
     assert memo.size == 0 and memo.get("a") is None
 

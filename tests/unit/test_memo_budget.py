@@ -14,12 +14,12 @@ BLOCKS = {"layer1.0": (256, 4), "layer2.0": (512, 8)}
 def test_work_counts_images_their_cached_blocks_and_the_method():
     per_image = 3 * 64 * 64 * 4
     blocks = (256 * 16 * 16 + 512 * 8 * 8) * 4
-    assert memo_budget.work(10, (64, 64), BLOCKS, cached=False, method_bytes=0) == 10 * per_image
-    assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, method_bytes=7) == \
-        10 * (per_image + blocks) + 14
+    assert memo_budget.work(10, (64, 64), BLOCKS, cached=False, derived_bytes=0) == 10 * per_image
+    assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, derived_bytes=7) == \
+        10 * (per_image + blocks) + 7
     # statistics a method derives per block: every stored block, as other jobs select them
-    assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, method_bytes=100,
-                            selected=1) == 10 * (per_image + blocks) + 400
+    assert memo_budget.work(10, (64, 64), BLOCKS, cached=True, derived_bytes=100,
+                            selected=1) == 10 * (per_image + blocks) + 200
 
 
 @pytest.mark.parametrize(("available", "cgroup", "workers", "expected"), [

@@ -127,3 +127,21 @@ def test_pyramid_channel_selection_equals_select_after_concat():
     idx = torch.tensor([0, 3, 4, 9, 11, 14])
     assert torch.equal(concat_pyramid(feats), full)
     assert torch.equal(concat_pyramid(feats, idx), full[:, idx])
+
+
+def test_memo_bytes_are_the_shares_the_lowrank_solver_derives(fitted):
+    """``memory_cache_gb=auto`` sizes a sweep's memo with ``memo_bytes``: per stage the
+    training statistics (mean, centred samples, Gram matrices) and the test images'
+    cross terms, exactly the float64 tensors the solver derives and memoises."""
+    from anomaly_bench.memo import nbytes
+    from anomaly_bench.ops.gaussian import level_cross, level_stats
+
+    model, train, test = fitted
+    with torch.inference_mode():
+        tr, te = model._features(train), model._features(test)
+        derived = 0
+        for a, b in zip(model._chosen(tr), model._chosen(te), strict=True):
+            mean, centred, gram = level_stats([a.value])
+            derived += nbytes((mean, centred, gram)) + nbytes(level_cross(b.value, mean, centred))
+    shapes = {s: tuple(tr[s].shape[1:]) for s in model.stages}
+    assert model.memo_bytes(len(train), len(test), shapes) == derived
