@@ -11,7 +11,7 @@ at 224 px (layer1-3) 20.9 MB per image for WideResNet50-2 and ResNet50 (13 block
 the figure for other grids).
 
 An entry is a safetensors file whose metadata records the format version and, per
-tensor, its shape, dtype and a BLAKE2b checksum of its bytes. Every entry read from disk
+tensor, its shape, dtype and an XXH3-128 checksum of its bytes. Every entry read from disk
 is checked against that record, against the shapes the caller expects and against the
 other entries of its batch; an entry that fails (unreadable, truncated, of another
 format, of another shape, with damaged bytes) is removed with a warning and its batch is
@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from anomaly_bench.fsutil import atomic_open
 from anomaly_bench.memo import MEMO
@@ -65,7 +66,7 @@ log = logging.getLogger("anomaly_bench")
 #: Metadata key of an entry's record (one key: safetensors writes several in any order).
 RECORD_KEY = "anomaly_bench.features"
 #: Version of the entry format; entries of any other version are discarded on load.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: dtype of every stored block output
 DTYPE = torch.float32
 
@@ -74,9 +75,14 @@ Shape = tuple[int | None, ...]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """BLAKE2b-128 of a tensor's bytes in C order, read in place when contiguous."""
+    """XXH3-128 of a tensor's bytes in C order, read in place when contiguous.
+
+    The checksum catches damaged bytes (a truncated, torn or bit-flipped file); it is no
+    seal, since the record sits in the same file. XXH3 hashes at about 17 GB/s on one
+    core where BLAKE2b takes 1 GB/s: the 1.2 GB a PaDiM sweep's first job stores cost the
+    writer 1.2 s of a core with BLAKE2b, and every entry read is hashed again."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return xxhash.xxh3_128_hexdigest(raw)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -139,7 +145,7 @@ def read_entry(path: str | Path, names: Sequence[str],
                     raise BadEntry(f"{n} is {dtype}, expected {_dtype_name(DTYPE)}")
                 if not _fits(shape, want.get(n)):
                     raise BadEntry(f"{n} has (h, w, C) shape {shape}, expected {want[n]}")
-                if tensor_digest(t) != rec.get("blake2b"):
+                if tensor_digest(t) != rec.get("xxh3_128"):
                     raise BadEntry(f"the bytes of {n} do not match their checksum")
                 out[n] = t
     except FileNotFoundError:
@@ -183,7 +189,7 @@ def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     """The safetensors header of an entry (length prefix included) and the tensor order."""
     record = {"version": FORMAT_VERSION,
               "tensors": {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype),
-                              "blake2b": tensor_digest(t)} for n, t in tensors.items()}}
+                              "xxh3_128": tensor_digest(t)} for n, t in tensors.items()}}
     order = sorted(tensors)
     head: dict = {"__metadata__": {
         RECORD_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}}

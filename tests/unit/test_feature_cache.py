@@ -190,7 +190,7 @@ def test_entries_record_format_shapes_dtypes_and_checksums(tmp_path: Path, no_me
         for n in fh.keys():
             t = fh.get_tensor(n)
             assert record["tensors"][n] == {"shape": list(t.shape), "dtype": "float32",
-                                            "blake2b": tensor_digest(t)}
+                                            "xxh3_128": tensor_digest(t)}
     assert paths[0].stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
 
 
