@@ -221,13 +221,8 @@ def write_entry(path: Path, tensors: Mapping[str, torch.Tensor],
     """Write the entry :func:`entry_bytes` describes to ``path`` atomically, straight from
     the tensors' memory; return its size in bytes.
 
-    ``release`` writes the file to disk before the rename and drops it from the page cache,
-    for an entry this process keeps in its memo or when memory is short: a second copy of
-    the same bytes would otherwise stay in memory, charged to the job's cgroup (a SLURM
-    job's ``--mem``), and each new page of it takes a fresh page of host memory (measured
-    on a virtual machine whose host backs fresh pages slowly: a PaDiM run writing 1.2 GB
-    of entries, 22-26 s with the page cache kept, 12 s released). Other processes read
-    the file from disk once."""
+    ``release`` starts writing the file back to disk at once (without waiting for it), so
+    that :func:`drop_cached` can soon drop it from the page cache."""
     head, order = _header(tensors)
     size = len(head)
     with atomic_open(path, "wb", durable=False) as fh:
@@ -238,9 +233,32 @@ def write_entry(path: Path, tensors: Mapping[str, torch.Tensor],
             size += data.nbytes
         if release and hasattr(os, "posix_fadvise"):
             fh.flush()
-            os.fdatasync(fh.fileno())  # only pages already on disk can be dropped
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return size
+
+
+def drop_cached(paths: Sequence[Path]) -> None:
+    """Drop the files' pages that are on disk from the page cache (Linux; best effort).
+
+    The writer releases an entry its process keeps in the memo, or every entry when
+    memory is short: a second copy of the same bytes would otherwise stay in memory,
+    charged to the job's cgroup (a SLURM job's ``--mem``), and each new page of it takes
+    a fresh page of the host's memory (measured on a virtual machine whose host backs
+    fresh pages slowly: a PaDiM run writing 1.2 GB of entries, 22-26 s with the page
+    cache kept, 12 s released). The pages of a batch are dropped when the next batch is
+    written: by then the writeback :func:`write_entry` started is done, and nothing
+    waits for the disk. Other processes read the files from disk once."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _memory_short() -> bool:
@@ -420,13 +438,15 @@ class FeatureCache:
 
     def _write(self, paths: list[Path], cpu: dict[str, torch.Tensor], kept: bool) -> None:
         written = 0
+        release = kept or _memory_short()
+        _drop_released()
         try:
             for i, path in enumerate(paths):
                 tensors = {n: t[i].permute(1, 2, 0) for n, t in cpu.items()}
                 try:
                     for attempt in range(_WRITE_ATTEMPTS):
                         try:
-                            written += write_entry(path, tensors, release=kept or _memory_short())
+                            written += write_entry(path, tensors, release=release)
                             break
                         except OSError as exc:  # ENOENT: its folder was removed meanwhile
                             if exc.errno != errno.ENOENT or attempt == _WRITE_ATTEMPTS - 1:
@@ -441,6 +461,8 @@ class FeatureCache:
         finally:
             for path in paths:
                 _unqueue(path, cpu)
+            if release:
+                _RELEASED.extend(paths)
             if written:
                 _USED.update(dict.fromkeys(map(str, paths), time.monotonic()))
                 self._keep_under_cap(written)
@@ -482,6 +504,8 @@ _LOCK = threading.Lock()
 #: Entries waiting for the writer: path -> (the batch's (B, C, h, w) blocks, index).
 _QUEUED: dict[Path, tuple[dict[str, torch.Tensor], int]] = {}
 _PENDING: deque[Future] = deque()
+#: Entries written with ``release``, to drop from the page cache (:func:`drop_cached`).
+_RELEASED: deque[Path] = deque()
 #: Size in bytes of each cache root as last scanned, plus what this process wrote since.
 _SIZE: dict[str, int] = {}
 #: Entries this process wrote or read, with when (``time.monotonic``).
@@ -539,10 +563,19 @@ def _submit(fn, *args) -> None:
     _PENDING.append(_writer().submit(fn, *args))
 
 
+def _drop_released() -> None:
+    paths = []
+    while _RELEASED:
+        paths.append(_RELEASED.popleft())
+    drop_cached(paths)
+
+
 def flush_writes() -> None:
-    """Wait until every cache entry stored so far is on disk."""
+    """Wait until every cache entry stored so far is written (to the page cache), and
+    drop the released ones whose writeback is done."""
     while _PENDING:
         _PENDING.popleft().result()
+    _drop_released()
 
 
 # --- the folder: size, least-recently-used removal, clearing ----------------------------

@@ -505,19 +505,24 @@ def test_a_write_whose_folder_vanished_is_retried(tmp_path: Path, caplog, no_mem
 @pytest.mark.parametrize("memo", [True, False])
 def test_written_entries_leave_the_page_cache_only_when_the_memo_holds_them(
         tmp_path: Path, monkeypatch, memo):
-    """An entry the memo keeps is synced and dropped from the page cache (a second copy
-    of the same bytes in memory); one it does not keep stays there for the jobs that read
-    it back, unless memory is short. Either way the file holds the entry."""
+    """An entry the memo keeps is written back and dropped from the page cache (a second
+    copy of the same bytes in memory); one it does not keep stays there for the jobs that
+    read it back, unless memory is short. Either way the file holds the entry."""
     from anomaly_bench.backbones import cache as fc
     from anomaly_bench.memo import MEMO
 
-    write, released = fc.write_entry, []
+    write, drop, released, dropped = fc.write_entry, fc.drop_cached, [], []
 
     def recorded(path, tensors, release=False):
         released.append(release)
         return write(path, tensors, release=release)
 
+    def dropping(paths):
+        dropped.extend(paths)
+        drop(paths)
+
     monkeypatch.setattr(fc, "write_entry", recorded)
+    monkeypatch.setattr(fc, "drop_cached", dropping)
     monkeypatch.setattr(fc, "_memory_short", lambda: False)
     budget = MEMO.budget
     MEMO.clear()
@@ -531,6 +536,8 @@ def test_written_entries_leave_the_page_cache_only_when_the_memo_holds_them(
         MEMO.clear()
         MEMO.configure(budget)
     assert released == [memo, memo]
+    entries = {_extractor(tmp_path).cache._path(content_key(img)) for img in images}
+    assert set(dropped) == (entries if memo else set())
     for stage in LAYERS:
         assert torch.equal(again[stage], first[stage])
 
