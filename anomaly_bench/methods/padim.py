@@ -101,7 +101,6 @@ class Padim(AnomalyMethod):
         return concat_pyramid(dict(zip(self.stages, (p.value for p in parts), strict=True)))
 
     def fit(self, batches: Iterable[Batch]) -> None:
-        dim = int(self.channel_idx.numel())
         acc: GaussianAccumulator | None = GaussianAccumulator() if self.solver == "full" else None
         kept: list[list[Derived[torch.Tensor]]] = []
         shapes: list[tuple[int, int]] = []
@@ -111,7 +110,7 @@ class Padim(AnomalyMethod):
             parts = self._chosen(feats)
             shapes = [tuple(feats[s].shape[-2:]) for s in self.stages]
             n += batch.images.shape[0]
-            if acc is None and (self.solver == "lowrank" or n <= dim):
+            if acc is None and not self._full_solver(n):
                 kept.append(parts)
                 continue
             if acc is None:  # auto: more samples than channels, stream from here on
@@ -144,12 +143,18 @@ class Padim(AnomalyMethod):
             kept.clear()
             self.whiten = whitening(grams, shapes, shapes[0], self.reg)
 
+    def _full_solver(self, n_images: int) -> bool:
+        """Whether fitting on ``n_images`` uses the full C x C covariances (``auto``: more
+        samples than channels) rather than the low-rank solver."""
+        return self.solver == "full" or (self.solver == "auto"
+                                          and n_images > self.channel_idx.numel())
+
     def fit_bytes(self, n_images: int, shapes: Mapping[str, tuple[int, int, int]]) -> int:
         """The full solver's C x C covariance per position of the finest grid, or the
         low-rank solver's N centred embeddings per stage and N x N whitening per position."""
         d = int(self.channel_idx.numel())
         grid = [shapes[s][1] * shapes[s][2] for s in self.stages]
-        if self.solver == "full" or (self.solver == "auto" and n_images > d):
+        if self._full_solver(n_images):
             return 4 * grid[0] * d * d
         kept = sum(self.get_buffer(f"channels_{s}").numel() * p
                    for s, p in zip(self.stages, grid, strict=True))
@@ -159,7 +164,7 @@ class Padim(AnomalyMethod):
                    shapes: Mapping[str, tuple[int, int, int]]) -> int:
         """The low-rank solver's float64 shares per stage (:func:`level_stats`: mean,
         centred samples and Gram matrices; :func:`level_cross` of the test images)."""
-        if self.solver == "full" or (self.solver == "auto" and n_fit > self.channel_idx.numel()):
+        if self._full_solver(n_fit):
             return super().memo_bytes(n_fit, n_test, shapes)
         total = 0
         for s in self.stages:
