@@ -495,7 +495,8 @@ class FeatureCache:
 
     def _remember(self, batch: tuple[str, ...], stacked: dict[str, torch.Tensor]) -> bool:
         """Keep a batch's blocks in the memo; True when it kept them all."""
-        # the files (or the writer's queue) hold them too: the memo drops them first
+        # the files (or the writer's queue) hold them too: the memo drops them first; a
+        # list, not a generator: every block is offered, also after one was declined
         return all([MEMO.put(("features", str(self.dir), batch, n), t, spill=True)
                     for n, t in stacked.items()])
 
