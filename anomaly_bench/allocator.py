@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -25,7 +26,10 @@ MMAP_THRESHOLD = 256 * 2**20
 TRIM_THRESHOLD = 512 * 2**20
 
 
+@cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, where it has ``mallopt`` (looked up once: ``find_library`` runs
+    ``ldconfig``)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

@@ -1,9 +1,12 @@
 """PRO curve and AUPRO exactly as the official MVTec AD evaluation script, in pure torch.
 
 Every pixel of every image is pooled: a defect-free pixel adds 1 to the false-positive
-count and a pixel of ground-truth region k adds 1/|k| to the overlap sum, so one
-descending sort plus two cumulative sums give the whole curve in O(N log N) with no
-per-threshold loop (each region weighs the same, whatever its image). Regions are the
+count and a pixel of ground-truth region k adds 1/|k| to the overlap sum (each region
+weighs the same, whatever its image). Lowering the threshold, the counts change in steps;
+between two consecutive scores of defect pixels only the false positives grow. So the
+curve is read off two sorts, the defect-free pixels' scores and the defect pixels' scores,
+with no per-threshold loop: at each distinct defect score a binary search in the
+defect-free scores gives the false positives (:func:`counts_of`). Regions are the
 8-connected components of each mask; labelling them with SciPy is the only CPU step.
 """
 
@@ -18,7 +21,7 @@ import torch
 from scipy import ndimage
 
 from anomaly_bench.metrics.roc import _has_nan, binary_labels
-from anomaly_bench.metrics.sorting import kth_smallest, sort_desc
+from anomaly_bench.metrics.sorting import kth_smallest, sort_asc, sort_desc
 
 __all__ = ["Counts", "Regions", "aupro", "aupro_of", "counts_of", "label_regions", "pro_curve",
            "regions_of"]
@@ -62,23 +65,51 @@ def label_regions(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @dataclass
 class Counts:
-    """Cumulative counts at each distinct score, highest first (last pixel of each tie run).
+    """The corners of the pooled counting curve, highest threshold first, and the sorted
+    scores they are read from.
 
-    ``values``: the distinct scores (descending, the maps' dtype); ``fp``/``tp``: defect-free
-    / defect pixels at or above the score; ``overlap``: summed per-region overlap
-    (1/|region| per pixel). Counts are float64.
+    Lowering the threshold through the distinct scores, the false positives ``fp``
+    (defect-free pixels at or above it), true positives ``tp`` (defect pixels) and the
+    ``overlap`` (summed 1/|region| of those defect pixels) only grow; between two distinct
+    defect scores only ``fp`` does, so there every curve built from the counts (ROC,
+    precision-recall, PRO) runs flat in its y. The corners are each distinct defect score
+    (``fp`` counting the defect-free pixels tied with it) and the point before it (the end
+    of the flat run: the defect-free pixels above it), then the count of all pixels;
+    repeated points are merged. Trapezoid areas, average precision, F1-max and the AUPRO
+    interpolation over the corners equal those over every distinct score, from at most two
+    points per defect pixel instead of one per pixel. Counts are float64.
+
+    ``normal``: the defect-free pixels' scores, ascending; ``defect``: the defect pixels'
+    scores, descending, and ``defect_overlap`` the overlap summed along them (what
+    :meth:`above` reads at any threshold).
     """
 
-    values: torch.Tensor
     fp: torch.Tensor
     tp: torch.Tensor
     overlap: torch.Tensor
     n_regions: int
     n_normal: int
+    normal: torch.Tensor
+    defect: torch.Tensor
+    defect_overlap: torch.Tensor
 
     def pro_points(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unclipped (fpr, pro) per distinct score."""
+        """Unclipped (fpr, pro) per corner."""
         return self.fp / self.n_normal, self.overlap / self.n_regions
+
+    def above(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(false positives, overlap) float64 at each threshold: the pixels scoring above
+        it (of those counted, see :func:`counts_of`'s ``fpr_limit``)."""
+        fp = self.normal.numel() - torch.searchsorted(self.normal, thresholds, right=True)
+        n_defect = (self.defect.numel()
+                    - torch.searchsorted(self.defect.flip(0), thresholds, right=True))
+        overlap = torch.cat([self.defect_overlap.new_zeros(1), self.defect_overlap])
+        return fp.to(torch.float64), overlap[n_defect]
+
+    def score_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lowest, highest) score counted, as 1-element tensors."""
+        ends = torch.cat([self.normal[:1], self.normal[-1:], self.defect[:1], self.defect[-1:]])
+        return ends.amin(0, keepdim=True), ends.amax(0, keepdim=True)
 
 
 @dataclass
@@ -118,44 +149,63 @@ def regions_of(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> Regions:
 
 
 def counts_of(regions: Regions, fpr_limit: float | None = None) -> Counts:
-    """Counts over all pixels of the stack from one descending sort.
+    """The corners of the pooled counting curve (:class:`Counts`) of all pixels of the stack.
 
     With ``fpr_limit`` only the pixels scoring at least as high as the k-th highest normal
-    pixel are sorted, k = floor(fpr_limit * #normal) + 2: that set is an exact prefix of the
-    full sorted order and ends past the first point with FPR > fpr_limit, so the curve up to
-    the limit (and its interpolation point) is unchanged while the sort is ~3x smaller.
+    pixel are counted, k = floor(fpr_limit * #normal) + 2: the curve's points above that
+    score are unchanged and the last one has FPR > fpr_limit, so the curve up to the limit
+    (and its interpolation point) is exact while less is sorted.
     """
-    n_regions = regions.n_regions
     ids, scores = regions.ids.reshape(-1), regions.maps.reshape(-1)
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()  # exact for half precision; the sorts' fast paths take it
     n_normal = int(regions.sizes[0])
-
+    is_normal = ids == 0
+    normal, defect, defect_ids = scores[is_normal], scores[~is_normal], ids[~is_normal]
     if fpr_limit is not None and n_normal > 0:
         k = math.floor(fpr_limit * n_normal) + 2
         if k <= n_normal:
-            kth = kth_smallest(scores[ids == 0], n_normal - k + 1)
-            keep = scores >= kth
-            scores, ids = scores[keep], ids[keep]
-
-    sorted_scores, sorted_ids = sort_desc(scores, ids)
-    last = torch.ones_like(sorted_scores, dtype=torch.bool)
-    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    ends = last.nonzero().squeeze(1)
-    values = sorted_scores[ends]
-    del sorted_scores
-    # defect-free pixels count as FP; a region's pixel adds 1/|region| to the overlap
-    overlap = regions.weight.index_select(0, sorted_ids).cumsum_(0)[ends]
-    # an integer count is exact, and accumulates several times faster than float64
-    count = torch.int32 if sorted_ids.numel() < 2**31 else torch.int64
-    fp = torch.cumsum(sorted_ids == 0, 0, dtype=count)[ends].to(torch.float64)
-    return Counts(values, fp, (ends + 1).to(torch.float64) - fp, overlap, n_regions,
-                   n_normal)
+            kth = kth_smallest(normal, n_normal - k + 1)
+            normal = normal[normal >= kth]
+            keep = defect >= kth
+            defect, defect_ids = defect[keep], defect_ids[keep]
+    normal = sort_asc(normal)
+    defect, defect_ids = sort_desc(defect, defect_ids)
+    defect_overlap = regions.weight.index_select(0, defect_ids).cumsum_(0)
+    n = normal.numel()
+    fp, tp, overlap = (torch.full((1,), float(n), dtype=torch.float64, device=scores.device),
+                       *scores.new_zeros((2, 1), dtype=torch.float64))
+    if defect.numel():
+        last = torch.ones_like(defect, dtype=torch.bool)
+        last[:-1] = defect[1:] != defect[:-1]
+        ends = last.nonzero().squeeze(1)  # the last defect pixel of each distinct score
+        at = defect[ends]
+        step_tp, step_overlap = (ends + 1).to(torch.float64), defect_overlap[ends]
+        # per distinct defect score: the point before it (the defect-free pixels above it,
+        # the counts of the scores above) and its own point (those tied with it, too)
+        before = n - torch.searchsorted(normal, at, right=True)
+        at_or_above = n - torch.searchsorted(normal, at)
+        fp = torch.cat([torch.stack([before, at_or_above], 1).reshape(-1).to(torch.float64),
+                        fp])
+        zero = step_tp.new_zeros(1)
+        tp = torch.cat([torch.stack([torch.cat([zero, step_tp[:-1]]), step_tp], 1).reshape(-1),
+                        step_tp[-1:]])
+        overlap = torch.cat([torch.stack([torch.cat([zero, step_overlap[:-1]]), step_overlap],
+                                         1).reshape(-1), step_overlap[-1:]])
+        # merge repeated points, and a first one at the origin (no pixel counted yet)
+        new = torch.ones_like(fp, dtype=torch.bool)
+        new[1:] = (fp[1:] != fp[:-1]) | (tp[1:] != tp[:-1])
+        new[0] = fp[0] + tp[0] > 0
+        fp, tp, overlap = fp[new], tp[new], overlap[new]
+    return Counts(fp, tp, overlap, regions.n_regions, n_normal, normal, defect, defect_overlap)
 
 
 def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Official MVTec AD PRO curve over all pixels of the stack.
 
-    Returns float64 ``fpr`` and ``pro`` with one point per distinct score (last of each run
-    of ties), clipped to 1, with (0, 0) prepended and (1, 1) appended. The values are NaN
+    Returns float64 ``fpr`` and ``pro`` at the curve's corners (:class:`Counts`: the same
+    polyline as one point per distinct score, without the points inside its flat runs),
+    clipped to 1, with (0, 0) prepended and (1, 1) appended. The values are NaN
     when the masks hold no region (PRO) or no defect-free pixel (FPR); :func:`aupro` then
     returns None.
     """

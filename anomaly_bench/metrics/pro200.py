@@ -21,8 +21,8 @@ stretches whatever FPR range the kept points span to the whole axis, so the valu
 comparable with tables computed the same way.
 
 Computation: a pixel is positive at ``t_k`` exactly when ``k < b``, ``b`` the number of
-thresholds below its score. The category curve reads its 200 points from the cumulative
-counts the official AUPRO already sorted (200 binary searches in the distinct scores); the
+thresholds below its score. The category curve reads its 200 points from the sorted scores
+the official AUPRO already holds (binary searches in the defect-free and defect scores); the
 per-image curves bucketize every score among its image's thresholds and histogram ``b`` per
 image, so there is no loop over thresholds or pixels, on any device. Thresholds are
 computed in float64 and compared in the maps' dtype (see :func:`_thresholds`).
@@ -105,20 +105,14 @@ def _scores(maps: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- per category
 def aupro_200_of(counts: Counts) -> float | None:
-    """``aupro_200`` from the category's cumulative counts (:func:`~.pro.counts_of` without
-    an FPR limit); None where undefined (module docstring)."""
+    """``aupro_200`` from the category's counts (:func:`~.pro.counts_of` without an FPR
+    limit); None where undefined (module docstring)."""
     if counts.n_regions == 0 or counts.n_normal == 0:
         return None
-    values = _scores(counts.values)  # distinct scores, highest first
-    lo, hi = values[-1:], values[:1]
+    lo, hi = counts.score_range()
     if float(hi) == float(lo):
         return None
-    t = _thresholds(lo, hi, values.dtype)[0]
-    # distinct scores above t_k: the curve's point is the cumulative count at that index
-    above = values.numel() - torch.searchsorted(values.flip(0), t, right=True)
-    zero = counts.fp.new_zeros(1)
-    fp = torch.cat([zero, counts.fp])[above]
-    overlap = torch.cat([zero, counts.overlap])[above]
+    fp, overlap = counts.above(_thresholds(lo, hi, lo.dtype)[0])
     area, ok = _areas((fp / counts.n_normal)[None], (overlap / counts.n_regions)[None],
                       min_max=True)
     return float(area[0]) if bool(ok[0]) else None

@@ -1,6 +1,7 @@
 """PRO curve / AUPRO against a slow per-threshold NumPy reference, by hand and edge cases."""
 
 from bisect import bisect_right
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -84,13 +85,29 @@ def test_aupro_matches_reference_distinct_scores(limit):
     assert got == pytest.approx(_reference_aupro(maps, masks, limit), abs=1e-6)
 
 
-def test_pro_curve_matches_reference():
-    maps, masks = _random_case(3)
-    fpr, pro = pro_curve(torch.from_numpy(maps), torch.from_numpy(masks))
-    ref_fpr, ref_pro = _reference_curve(maps, masks)
-    assert fpr.shape == (len(ref_fpr),)
-    np.testing.assert_allclose(fpr.numpy(), ref_fpr, atol=1e-12)
-    np.testing.assert_allclose(pro.numpy(), ref_pro, atol=1e-12)
+def test_pro_curve_is_the_reference_polyline_at_its_corners():
+    """pro_curve keeps the reference's points where the curve turns; every point it drops
+    lies inside a flat run between two kept points (same PRO, FPR between)."""
+    for seed, decimals in ((3, 2), (4, 1), (12, None)):
+        maps, masks = _random_case(seed, decimals=decimals)
+        fpr, pro = (t.numpy() for t in pro_curve(torch.from_numpy(maps), torch.from_numpy(masks)))
+        ref_fpr, ref_pro = _reference_curve(maps, masks)
+        # with few distinct scores every one can be a corner; with distinct ones few are
+        assert len(fpr) < len(ref_fpr) / 3 if decimals is None else len(fpr) <= len(ref_fpr)
+        same = (np.abs(fpr[:, None] - ref_fpr[None]) < 1e-12) \
+            & (np.abs(pro[:, None] - ref_pro[None]) < 1e-12)
+        kept = [-1]  # each point is the first reference point after the previous one's
+        for row in same:
+            kept.append(kept[-1] + 1 + int(np.argmax(row[kept[-1] + 1:])))
+            assert row[kept[-1]]
+        kept = kept[1:]
+        assert kept[0] == 0 and kept[-1] == len(ref_fpr) - 1
+        for a, b in pairwise(kept):
+            if b > a + 1:  # the points dropped between a and b: a flat run they bound
+                np.testing.assert_allclose(ref_pro[a:b + 1], ref_pro[a], rtol=0, atol=1e-12)
+        for limit in (0.3, 0.05, 1.0):
+            assert _reference_area(fpr, pro, limit) == pytest.approx(
+                _reference_area(ref_fpr, ref_pro, limit), abs=1e-12)
 
 
 def test_aupro_prefix_sort_equals_full_curve():

@@ -1,10 +1,10 @@
-"""The packed-key descending sort against torch.sort: same order of scores, same payloads."""
+"""The CPU sorts against torch.sort: same order of scores, same payloads."""
 
 import numpy as np
 import pytest
 import torch
 
-from anomaly_bench.metrics.sorting import _packable, sort_desc
+from anomaly_bench.metrics.sorting import _packable, sort_asc, sort_desc
 
 
 def _pairs(scores: torch.Tensor, payload: torch.Tensor) -> list[tuple[float, int]]:
@@ -40,3 +40,14 @@ def test_unpackable_inputs_use_torch_sort():
     assert not _packable(s.float(), big) and not _packable(s, big.clamp(max=3))
     got_s, got_p = sort_desc(s.float(), big)
     assert got_p.tolist() == [1, 2, 2**40]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_ascending_sort_equals_torch_sort(dtype):
+    """NumPy's sort for float32 and float64, torch.sort for the others: the same values."""
+    rng = np.random.default_rng(1)
+    values = torch.from_numpy(np.round(rng.normal(size=4000), 2)).to(dtype)  # ties
+    values[:4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")], dtype=dtype)
+    got = sort_asc(values)
+    assert got.dtype == dtype and torch.equal(got, torch.sort(values).values)
+    assert sort_asc(values[:0]).numel() == 0
