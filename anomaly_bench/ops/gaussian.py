@@ -142,6 +142,20 @@ def level_stats(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return mean, x, torch.bmm(x, x.transpose(1, 2))
 
 
+def _level_index(shape: tuple[int, int], grid: tuple[int, int],
+                 device: torch.device | str) -> torch.Tensor | None:
+    """:func:`nearest_index` of a level on ``grid``; None for the finest level itself."""
+    return None if tuple(shape) == tuple(grid) else nearest_index(shape, grid, device)
+
+
+def _level_rows(x: torch.Tensor, index: torch.Tensor | None, start: int, stop: int
+                ) -> torch.Tensor:
+    """Fine positions ``start:stop`` read from a level's (p, ...) tensor: a view of the
+    finest level (a gather would copy it whole, the largest of the levels), a gather of a
+    coarser one."""
+    return x[start:stop] if index is None else x.index_select(0, index[start:stop])
+
+
 def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
               grid: tuple[int, int], reg: float, chunk: int = 512) -> torch.Tensor:
     """``L^-T`` (P, N, N) per fine position, L the Cholesky factor of ``reg (N-1) I + sum G``.
@@ -149,17 +163,20 @@ def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
     ``grams[i]`` (p_i, N, N) lives on level grid ``shapes[i]`` and is gathered per position.
     """
     n, device = grams[0].shape[-1], grams[0].device
-    index = [nearest_index(shape, grid, device) for shape in shapes]
+    index = [_level_index(shape, grid, device) for shape in shapes]
     p = grid[0] * grid[1]
     out = torch.empty(p, n, n, device=device, dtype=torch.float64)
     eye = torch.eye(n, device=device, dtype=torch.float64)
+    ridge = eye * (reg * (n - 1))
     for start in range(0, p, chunk):
-        m = (eye * (reg * (n - 1))).expand(min(chunk, p - start), n, n).clone()
-        for g, idx in zip(grams, index, strict=True):
-            m += g.index_select(0, idx[start:start + chunk])
+        stop = min(start + chunk, p)
+        parts = [_level_rows(g, idx, start, stop) for g, idx in zip(grams, index, strict=True)]
+        m = parts[0] + ridge
+        for part in parts[1:]:
+            m += part
         chol = torch.linalg.cholesky(m)
         inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        out[start:start + chunk] = inv.transpose(1, 2)
+        out[start:stop] = inv.transpose(1, 2)
     return out
 
 
@@ -210,15 +227,18 @@ def lowrank_distance(cross: Sequence[torch.Tensor], sq: Sequence[torch.Tensor],
     terms can be close.
     """
     device = whiten.device
-    index = [nearest_index(shape, grid, device) for shape in shapes]
+    index = [_level_index(shape, grid, device) for shape in shapes]
     p = whiten.shape[0]
     out = torch.empty(p, cross[0].shape[1], device=device, dtype=torch.float64)
     for start in range(0, p, chunk):
-        rows = [idx[start:start + chunk] for idx in index]
-        b = sum(c.index_select(0, r) for c, r in zip(cross, rows, strict=True))  # (p, B, N)
-        s = sum(q.index_select(0, r) for q, r in zip(sq, rows, strict=True))
-        c = torch.bmm(b, whiten[start:start + chunk])  # rows: (L^-1 X delta)^T
-        out[start:start + chunk] = (s - torch.linalg.vecdot(c, c)) / reg
+        stop = min(start + chunk, p)
+        b, s = _level_rows(cross[0], index[0], start, stop), _level_rows(sq[0], index[0],
+                                                                         start, stop)
+        for c, q, idx in zip(cross[1:], sq[1:], index[1:], strict=True):
+            b = b + _level_rows(c, idx, start, stop)  # (p, B, N); never into a level's own
+            s = s + _level_rows(q, idx, start, stop)
+        c = torch.bmm(b, whiten[start:stop])  # rows: (L^-1 X delta)^T
+        out[start:stop] = (s - torch.linalg.vecdot(c, c)) / reg
     return out.clamp_min_(0).sqrt_().t()
 
 
