@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 
 from anomaly_bench.metrics.roc import _has_nan, binary_labels
-from anomaly_bench.metrics.sorting import kth_smallest, sort_asc, sort_desc
+from anomaly_bench.metrics.sorting import kth_smallest, select, sort_asc, sort_desc
 
 __all__ = ["Counts", "Regions", "aupro", "aupro_of", "counts_of", "label_regions", "pro_curve",
            "regions_of"]
@@ -122,10 +122,21 @@ class Regions:
     n_regions: int
 
     @cached_property
+    def is_defect(self) -> torch.Tensor:
+        """Whether each pixel lies in a region (bool, flat)."""
+        return self.ids.reshape(-1) != 0
+
+    @cached_property
+    def defect_ids(self) -> torch.Tensor:
+        """The region id of each defect pixel, in pixel order."""
+        return select(self.ids.reshape(-1), self.is_defect)
+
+    @cached_property
     def sizes(self) -> torch.Tensor:
         """Pixels per region id (float64; index 0 counts the defect-free pixels)."""
-        return torch.bincount(self.ids.reshape(-1),
-                              minlength=self.n_regions + 1).to(torch.float64)
+        sizes = torch.bincount(self.defect_ids, minlength=self.n_regions + 1).to(torch.float64)
+        sizes[0] = self.ids.numel() - self.defect_ids.numel()
+        return sizes
 
     @cached_property
     def weight(self) -> torch.Tensor:
@@ -156,12 +167,12 @@ def counts_of(regions: Regions, fpr_limit: float | None = None) -> Counts:
     score are unchanged and the last one has FPR > fpr_limit, so the curve up to the limit
     (and its interpolation point) is exact while less is sorted.
     """
-    ids, scores = regions.ids.reshape(-1), regions.maps.reshape(-1)
+    scores = regions.maps.reshape(-1)
     if scores.dtype not in (torch.float32, torch.float64):
         scores = scores.float()  # exact for half precision; the sorts' fast paths take it
     n_normal = int(regions.sizes[0])
-    is_normal = ids == 0
-    normal, defect, defect_ids = scores[is_normal], scores[~is_normal], ids[~is_normal]
+    normal, defect = select(scores, ~regions.is_defect), select(scores, regions.is_defect)
+    defect_ids = regions.defect_ids
     if fpr_limit is not None and n_normal > 0:
         k = math.floor(fpr_limit * n_normal) + 2
         if k <= n_normal:

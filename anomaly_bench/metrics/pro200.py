@@ -48,6 +48,7 @@ import torch
 
 from anomaly_bench.metrics.pro import Counts, Regions, counts_of, regions_of
 from anomaly_bench.metrics.roc import _has_nan
+from anomaly_bench.metrics.sorting import select
 
 log = logging.getLogger("anomaly_bench")
 
@@ -164,14 +165,17 @@ def _image_areas(scores: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor
     scores = scores.contiguous()
     index = _below(scores, t, lo, hi)  # thresholds under each score: 0..STEPS
     index += bins * torch.arange(n_images, device=scores.device)[:, None]
-    # one histogram of both: the overlap weights by bucket, then the defect-free pixels
-    normal_px = ids.reshape(-1) == 0
+    # pixels by bucket, then the defect pixels alone (few): their count and overlap weights
     size = n_images * bins
-    hist = torch.bincount(index.reshape(-1) + size * normal_px,
-                          weights=weight.index_select(0, ids.reshape(-1)) + normal_px,
-                          minlength=2 * size)
-    overlap = hist[:size].view(n_images, bins)
-    normal = hist[size:].view(n_images, bins)
+    index = index.reshape(-1)
+    is_defect = ids.reshape(-1) != 0
+    at_defect = select(index, is_defect)
+    pixels = torch.bincount(index, minlength=size)
+    defects = torch.bincount(at_defect, minlength=size)
+    overlap = torch.bincount(at_defect, weights=weight.index_select(0, select(ids.reshape(-1),
+                                                                                is_defect)),
+                             minlength=size).view(n_images, bins)
+    normal = (pixels - defects).to(torch.float64).view(n_images, bins)
     n_normal = normal.sum(1)
     # each region's pixels add up to 1, so an image's overlap total is its region count
     n_regions = overlap.sum(1).round()
@@ -191,7 +195,7 @@ def per_image_of(regions: Regions) -> float | None:
     scores = _scores(regions.maps).reshape(n, -1)
     ids = regions.ids.reshape(n, -1)
     weight = regions.weight
-    pick = (ids > 0).any(1).nonzero().squeeze(1)  # the images with a defect region
+    pick = regions.is_defect.view(n, -1).any(1).nonzero().squeeze(1)  # images with a defect
     if pick.numel() == 0:
         return None
     per_chunk = max(1, CHUNK_PIXELS // max(scores.shape[1], 1))

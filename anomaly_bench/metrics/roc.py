@@ -60,7 +60,10 @@ def _tie_counts(
 
 def _has_nan(scores: torch.Tensor) -> bool:
     """True (with a warning) when ``scores`` contain NaN, which has no rank."""
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+    # the sum is NaN whenever a score is (and when +inf and -inf meet): one reduction
+    # and one host sync instead of a boolean map of every score
+    if scores.is_floating_point() and scores.numel() and bool(torch.isnan(scores.sum())) \
+            and bool(torch.isnan(scores).any()):
         log.warning("scores contain NaN; the metric is undefined and reported as None")
         return True
     return False

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_bench.metrics.sorting import _packable, sort_asc, sort_desc
+from anomaly_bench.metrics.sorting import _packable, select, sort_asc, sort_desc
 
 
 def _pairs(scores: torch.Tensor, payload: torch.Tensor) -> list[tuple[float, int]]:
@@ -51,3 +51,13 @@ def test_ascending_sort_equals_torch_sort(dtype):
     got = sort_asc(values)
     assert got.dtype == dtype and torch.equal(got, torch.sort(values).values)
     assert sort_asc(values[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64, torch.bfloat16])
+def test_select_equals_boolean_indexing(dtype):
+    rng = np.random.default_rng(2)
+    values = torch.from_numpy(rng.integers(-50, 50, 3000)).to(dtype)
+    mask = torch.from_numpy(rng.random(3000) < 0.2)
+    got = select(values, mask)
+    assert got.dtype == dtype and torch.equal(got, values[mask])
+    assert torch.equal(select(values[::2], mask[::2]), values[::2][mask[::2]])  # strided
