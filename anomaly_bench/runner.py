@@ -6,6 +6,7 @@ The runner only talks to the generic interfaces: a dataset layout, an
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -100,10 +101,6 @@ class Fitted:
     peak_mb: float  # peak memory while fitting (0 when restored)
 
 
-def _plain(cfg: DictConfig, key: str) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg[key], resolve=True)  # type: ignore[return-value]
-
-
 def resolution_tag(res: dict[str, Any]) -> str:
     """``256/224`` (resize/crop), ``256`` (resize only) or ``native``."""
     size, crop = res.get("size"), res.get("crop")
@@ -139,6 +136,7 @@ class Runner:
             raise ConfigError(f"the configuration cannot be resolved: {exc}") from None
         validate(plain, method_schema(str(cfg.method.name)))  # type: ignore[arg-type]
         self.cfg = cfg
+        self._resolved: dict[str, Any] = plain  # type: ignore[assignment]
         self._weights: str | None = None
         self.run_dir = Path(run_dir)
         self.overrides = " ".join(overrides)
@@ -153,6 +151,11 @@ class Runner:
         self.transform: Any = None  # loader hook of the current category's alignment
         self.reused: list[str] = []  # categories skipped: finished before (resume)
 
+    def _section(self, key: str) -> dict[str, Any]:
+        """A resolved top-level section of the configuration, as plain data (a copy the
+        caller may change)."""
+        return copy.deepcopy(self._resolved[key])
+
     # ------------------------------------------------------------------ orchestration
     def run(self) -> list[dict[str, Any]]:
         """Fit and test every selected category; the rows written (none for stage=train).
@@ -164,14 +167,14 @@ class Runner:
         cfg = self.cfg
         layout = get_layout(cfg.dataset.name)
         if hasattr(layout, "configure"):  # layouts with options of their own (e.g. STC)
-            layout = layout.configure(_plain(cfg, "dataset"))
+            layout = layout.configure(self._section("dataset"))
         self.layout = layout
         root = dataset_root(cfg)
         categories = resolve_categories(layout, root, cfg.dataset.category)
         for category in categories:  # folder names the run directory's filesystem takes
             check_name(category, "dataset.category", self.run_dir)
         splits = [layout.split(root, c) for c in categories]
-        learning = learning_of(_plain(cfg, "method"))
+        learning = learning_of(self._section("method"))
         whole = cfg.fit_scope == "dataset" or learning == "auxiliary"
         self._check_setting(learning, whole, splits)
         done = completed_categories(self.results_path) if cfg.resume else set()
@@ -250,7 +253,7 @@ class Runner:
         category of ``whole`` dataset) by the learning setting, or restored from
         ``checkpoint`` at stage=test (a whole-dataset model may come from another dataset)."""
         cfg = self.cfg
-        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        model_cfg = {k: self._section(k) for k in checkpoint.MODEL_KEYS}
         dataset = splits[0].dataset
         name = "all" if whole else splits[0].category
         out_dir = self.run_dir if whole else inside(self.run_dir, self.run_dir / name)
@@ -331,13 +334,13 @@ class Runner:
         where (device, batch size, cache, plots) is not.
         """
         cfg = self.cfg
-        model = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        model = {k: self._section(k) for k in checkpoint.MODEL_KEYS}
         for key in ("cache", "shared", "truncate"):
             model["backbone"].pop(key, None)
         if model["backbone"].get("precision") == "fp32":  # the default, as rows before it
             model["backbone"].pop("precision")
         model["method"] = comparable(model["method"])
-        dataset = {k: v for k, v in _plain(cfg, "dataset").items()
+        dataset = {k: v for k, v in self._section("dataset").items()
                    if k not in ("category", "root", "dirnames")}
         ckpt = None
         if cfg.stage == "test" and cfg.checkpoint:
@@ -353,8 +356,8 @@ class Runner:
         """The weights tag of every backbone the config asks for (hashes a local weights
         file once)."""
         if self._weights is None:
-            self._weights = requested_weights(_plain(self.cfg, "method"),
-                                              _plain(self.cfg, "backbone"), int(self.cfg.seed))
+            self._weights = requested_weights(self._section("method"),
+                                              self._section("backbone"), int(self.cfg.seed))
         return self._weights
 
     def _check_resumable(self, category: str, root: Path) -> None:
@@ -417,7 +420,7 @@ class Runner:
             class_name=self._words(split.category), references=refs, device=self.device,
             seed=int(cfg.seed), out_dir=cat_dir, resume=bool(cfg.resume),
             class_names={split.category: self._words(split.category)}))
-        model_cfg = {k: _plain(cfg, k) for k in checkpoint.MODEL_KEYS}
+        model_cfg = {k: self._section(k) for k in checkpoint.MODEL_KEYS}
         row: dict[str, Any] = {**self._describe(method, model_cfg, split.dataset,
                                                 split.category), "weights": fitted.weights}
         with PeakMemory(self.device) as peak:
