@@ -3,10 +3,10 @@
 ``image_ap``, ``pixel_ap``, ``pixel_f1_max``, ``aupro_200`` and ``aupro_200_per_image``
 are computed with the official metrics in one pass (:func:`~anomaly_bench.metrics.
 pixel_metrics`: the defect-free and the defect pixels each sorted once, the new ones
-read off the same counts, the per-image PRO from one bucketize). This benchmark runs PaDiM (seeded random WRN50,
-the paper's 256/224 input) through the command on a texture and an object of the
-synthetic data, and on maps and masks of the same count and size (smooth noise with blob
-defects) times, each the median of ``--repeats`` calls:
+read off the same counts, the per-image PRO from one bucketize). This benchmark runs
+PaDiM (seeded random WRN50, the paper's 256/224 input) through the command on a texture
+and an object of the synthetic data, and on maps and masks of the same count and size
+(smooth noise with blob defects) times, each the median of ``--repeats`` calls:
 
 * the official metrics alone (pixel AUROC and AUPRO: regions, the sorts, the two areas;
   image AUROC and F1-max), and
