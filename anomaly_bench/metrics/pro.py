@@ -184,31 +184,32 @@ def counts_of(regions: Regions, fpr_limit: float | None = None) -> Counts:
     defect, defect_ids = sort_desc(defect, defect_ids)
     defect_overlap = regions.weight.index_select(0, defect_ids).cumsum_(0)
     n = normal.numel()
-    fp, tp, overlap = (torch.full((1,), float(n), dtype=torch.float64, device=scores.device),
-                       *scores.new_zeros((2, 1), dtype=torch.float64))
-    if defect.numel():
-        last = torch.ones_like(defect, dtype=torch.bool)
-        last[:-1] = defect[1:] != defect[:-1]
-        ends = last.nonzero().squeeze(1)  # the last defect pixel of each distinct score
-        at = defect[ends]
-        step_tp, step_overlap = (ends + 1).to(torch.float64), defect_overlap[ends]
-        # per distinct defect score: the point before it (the defect-free pixels above it,
-        # the counts of the scores above) and its own point (those tied with it, too)
-        before = n - torch.searchsorted(normal, at, right=True)
-        at_or_above = n - torch.searchsorted(normal, at)
-        fp = torch.cat([torch.stack([before, at_or_above], 1).reshape(-1).to(torch.float64),
-                        fp])
-        zero = step_tp.new_zeros(1)
-        tp = torch.cat([torch.stack([torch.cat([zero, step_tp[:-1]]), step_tp], 1).reshape(-1),
-                        step_tp[-1:]])
-        overlap = torch.cat([torch.stack([torch.cat([zero, step_overlap[:-1]]), step_overlap],
-                                         1).reshape(-1), step_overlap[-1:]])
-        # merge repeated points, and a first one at the origin (no pixel counted yet)
-        new = torch.ones_like(fp, dtype=torch.bool)
-        new[1:] = (fp[1:] != fp[:-1]) | (tp[1:] != tp[:-1])
-        new[0] = fp[0] + tp[0] > 0
-        fp, tp, overlap = fp[new], tp[new], overlap[new]
+    last = torch.ones_like(defect, dtype=torch.bool)
+    last[:-1] = defect[1:] != defect[:-1]
+    ends = last.nonzero().squeeze(1)  # the last defect pixel of each distinct score
+    at = defect[ends]
+    zero = defect_overlap.new_zeros(1)
+    # the counts of defect pixels down to each distinct defect score, after a leading 0
+    tp = torch.cat([zero, (ends + 1).to(torch.float64)])
+    overlap = torch.cat([zero, defect_overlap[ends]])
+    # per distinct defect score: the point before it (the defect-free pixels above it, the
+    # counts of the scores above) and its own point (those tied with it, too); then all
+    before = (n - torch.searchsorted(normal, at, right=True)).to(torch.float64)
+    at_or_above = (n - torch.searchsorted(normal, at)).to(torch.float64)
+    fp = _corners(before, at_or_above, zero + n)
+    tp, overlap = (_corners(c[:-1], c[1:], c[-1:]) for c in (tp, overlap))
+    # merge repeated points, and a first one at the origin (no pixel counted yet)
+    new = torch.ones_like(fp, dtype=torch.bool)
+    new[1:] = (fp[1:] != fp[:-1]) | (tp[1:] != tp[:-1])
+    new[0] = fp[0] + tp[0] > 0
+    fp, tp, overlap = fp[new], tp[new], overlap[new]
     return Counts(fp, tp, overlap, regions.n_regions, n_normal, normal, defect, defect_overlap)
+
+
+def _corners(before: torch.Tensor, at: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """``before[0], at[0], before[1], at[1], ..., final``: a count at the corners of
+    :class:`Counts`, in order."""
+    return torch.cat([torch.stack([before, at], 1).reshape(-1), final])
 
 
 def pro_curve(anomaly_maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
