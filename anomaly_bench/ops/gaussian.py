@@ -156,6 +156,20 @@ def _level_rows(x: torch.Tensor, index: torch.Tensor | None, start: int, stop: i
     return x[start:stop] if index is None else x.index_select(0, index[start:stop])
 
 
+def _summed_rows(levels: Sequence[torch.Tensor], index: Sequence[torch.Tensor | None],
+                 start: int, stop: int, plus: torch.Tensor | None = None) -> torch.Tensor:
+    """The levels' values on fine positions ``start:stop`` summed, level 0 first and
+    ``plus`` (broadcast) after it: a new tensor, never written into a level's own (level 0
+    alone comes back as its rows, to read)."""
+    terms = [_level_rows(x, idx, start, stop) for x, idx in zip(levels, index, strict=True)]
+    if plus is not None:
+        terms.insert(1, plus)
+    total = terms[0]
+    for k, term in enumerate(terms[1:]):
+        total = total + term if k == 0 else total.add_(term)
+    return total
+
+
 def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
               grid: tuple[int, int], reg: float, chunk: int = 512) -> torch.Tensor:
     """``L^-T`` (P, N, N) per fine position, L the Cholesky factor of ``reg (N-1) I + sum G``.
@@ -170,10 +184,7 @@ def whitening(grams: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]],
     ridge = eye * (reg * (n - 1))
     for start in range(0, p, chunk):
         stop = min(start + chunk, p)
-        parts = [_level_rows(g, idx, start, stop) for g, idx in zip(grams, index, strict=True)]
-        m = parts[0] + ridge
-        for part in parts[1:]:
-            m += part
+        m = _summed_rows(grams, index, start, stop, plus=ridge)
         chol = torch.linalg.cholesky(m)
         inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
         out[start:stop] = inv.transpose(1, 2)
@@ -232,11 +243,8 @@ def lowrank_distance(cross: Sequence[torch.Tensor], sq: Sequence[torch.Tensor],
     out = torch.empty(p, cross[0].shape[1], device=device, dtype=torch.float64)
     for start in range(0, p, chunk):
         stop = min(start + chunk, p)
-        b, s = _level_rows(cross[0], index[0], start, stop), _level_rows(sq[0], index[0],
-                                                                         start, stop)
-        for c, q, idx in zip(cross[1:], sq[1:], index[1:], strict=True):
-            b = b + _level_rows(c, idx, start, stop)  # (p, B, N); never into a level's own
-            s = s + _level_rows(q, idx, start, stop)
+        b = _summed_rows(cross, index, start, stop)  # (p, B, N)
+        s = _summed_rows(sq, index, start, stop)
         c = torch.bmm(b, whiten[start:stop])  # rows: (L^-1 X delta)^T
         out[start:stop] = (s - torch.linalg.vecdot(c, c)) / reg
     return out.clamp_min_(0).sqrt_().t()
