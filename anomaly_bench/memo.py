@@ -306,14 +306,13 @@ class Derived(Generic[T]):
     it): the value is then what it is, but nothing may be memoised under its name.
     """
 
-    __slots__ = ("_compute", "_keep", "_key", "_value", "_versions")
+    __slots__ = ("_compute", "_key", "_value", "_versions")
 
     def __init__(self, key: Hashable | None, value: Any = None,
-                 compute: Callable[[], T] | None = None, keep: bool = True) -> None:
+                 compute: Callable[[], T] | None = None) -> None:
         self._key = key
         self._value = value
         self._compute = compute
-        self._keep = keep
         self._versions = _versions(value) if compute is None and key is not None else None
 
     @property
@@ -324,11 +323,9 @@ class Derived(Generic[T]):
 
     @property
     def value(self) -> T:
-        """The value: at hand, taken from the memo, or computed (and kept if ``keep``)."""
+        """The value: at hand, taken from the memo, or computed (and kept)."""
         if self._compute is None:
             return self._value
-        if not self._keep:
-            return self._compute()
         return MEMO.get_or_compute(self._key, self._compute)
 
 
@@ -351,8 +348,7 @@ def _value_of(item: Input) -> Any:
     return item.value if isinstance(item, Derived) else [d.value for d in item]
 
 
-def derive(name: str, fn: Callable[..., T], *inputs: Input, keep: bool = True,
-           **params: Any) -> Derived[T]:
+def derive(name: str, fn: Callable[..., T], *inputs: Input, **params: Any) -> Derived[T]:
     """``fn(*values of inputs, **params)``, memoised when every input's content is known.
 
     ``name`` identifies the derivation (two derivations never share a name); ``params``
@@ -360,9 +356,7 @@ def derive(name: str, fn: Callable[..., T], *inputs: Input, keep: bool = True,
     :class:`Derived` or a sequence of them (``fn`` then gets the list of their values).
     When some input's content is unknown the value is computed now, with no key. When
     all are known it is computed on first use of ``.value``, from the process memo when
-    an earlier job derived it already, and kept there; ``keep=False`` (a cheap step whose
-    results feed kept ones) gives it a key for what is derived from it but never stores
-    it, so it is recomputed on every use and skipped when what needs it is in the memo.
+    an earlier job derived it already, and kept there.
     """
     keys = [_key_of(i) for i in inputs]
     if any(k is None for k in keys):
@@ -372,4 +366,4 @@ def derive(name: str, fn: Callable[..., T], *inputs: Input, keep: bool = True,
     def compute() -> T:
         return fn(*(_value_of(i) for i in inputs), **params)
 
-    return Derived(key, compute=compute, keep=keep)
+    return Derived(key, compute=compute)

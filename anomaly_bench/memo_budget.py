@@ -102,8 +102,9 @@ def share(footprint_bytes: int, workers: int | None = None) -> int | None:
 def work(n_images: int, size: tuple[int, int], stored_blocks: dict[str, tuple[int, int]],
          cached: bool, derived_bytes: int, selected: int = 0) -> int:
     """Bytes of what a job over ``n_images`` images of ``size`` (H, W) keeps in the memo:
-    each preprocessed image (3 x H x W float32), the block outputs the feature cache stores
-    per image when it is on (``stored_blocks``: name -> (channels, stride)), and what the
+    each preprocessed image (3 x H x W float32), the block outputs the feature cache serves
+    per image when it is on (``stored_blocks``: name -> (channels the memo keeps, stride),
+    :meth:`~anomaly_bench.backbones.base.Backbone.memo_blocks`), and what the
     method derives from them (``derived_bytes`` for its ``selected`` blocks,
     :meth:`~anomaly_bench.methods.AnomalyMethod.memo_bytes`), per block, for every stored
     block the sweep's other jobs select."""

@@ -561,7 +561,7 @@ class Runner:
             images = {r.image_path for r in fit_records} | {r.image_path for s in tested
                                                             for r in s.test + s.train}
             extractor = next(iter(backbones.values()))  # the one reading the input
-            memo = memo_budget.auto(len(images), (h, w), extractor.stored_blocks(),
+            memo = memo_budget.auto(len(images), (h, w), extractor.memo_blocks(),
                                     extractor.cache is not None,
                                     method.memo_bytes(n_fit, n_test, shapes), fp.total,
                                     len(extractor.channels))

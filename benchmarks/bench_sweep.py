@@ -23,9 +23,16 @@ the median. The variant ``.`` is the installed project.
 short of memory: jobs then read block outputs from disk, and none but job 0 should run
 the backbone.
 
+Each command's minor page faults are counted too: every one is a page of memory the
+process touched for the first time. They are what a sweep pays for beyond its computing
+when fresh memory is slow to get, as on a virtual machine whose host hands back the
+guest's free memory and backs it again page by page on first touch (tens of microseconds
+a page). ``--hold-gb N`` keeps N GiB of memory touched in a side process during the
+measurement, as another job on the node would, which leaves less free memory at hand.
+
     python benchmarks/bench_sweep.py [--category rotated_part] [--data-root data]
         [--presets padim_screw_layers padim_screw_layers_orb90] [--jobs 72|4]
-        [--code . /tmp/base] [--rounds 1] [--memory-cache-gb auto]
+        [--code . /tmp/base] [--rounds 1] [--memory-cache-gb auto] [--hold-gb 0]
 """
 
 from __future__ import annotations
@@ -56,8 +63,19 @@ SOURCES = re.compile(r"feature cache: (\d+) images from memory, (\d+) from disk,
                      r"(\d+) through the backbone")
 
 
-def run(args: list[str], cwd: Path, code: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process: user + system) of one command."""
+#: a side process holding touched memory until it is stopped (``--hold-gb``)
+HOLD = """import mmap, sys, time
+m = mmap.mmap(-1, int(float(sys.argv[1]) * 2**30))
+for i in range(0, len(m), 4096):
+    m[i] = 1
+print(flush=True)
+time.sleep(1e9)
+"""
+
+
+def run(args: list[str], cwd: Path, code: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of the process: user + system, its minor page faults)
+    of one command."""
     env = dict(os.environ)
     if code != ".":
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(code).resolve()),
@@ -70,7 +88,8 @@ def run(args: list[str], cwd: Path, code: str) -> tuple[float, float]:
         sys.exit(f"failed ({code}): {' '.join(args)}\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return (wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            after.ru_minflt - before.ru_minflt)
 
 
 def cache_size(root: Path) -> float:
@@ -116,9 +135,25 @@ def main() -> None:
                     help="memory_cache_gb of the sweeps (auto: sized per job)")
     ap.add_argument("--extra", nargs="*", default=["backbone.pretrained=false"],
                     help="overrides for every run (default: random weights, offline)")
+    ap.add_argument("--hold-gb", type=float, default=0.0,
+                    help="GiB of memory a side process keeps touched meanwhile")
     args = ap.parse_args()
+    holder = None
+    if args.hold_gb > 0:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(args.hold_gb)],
+                                  stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()  # every page touched
+    try:
+        measure(args)
+    finally:
+        if holder is not None:
+            holder.kill()
+
+
+def measure(args: argparse.Namespace) -> None:
     data_root = Path(args.data_root).resolve()
-    times: dict[tuple[str, str], list[tuple[tuple[float, float], tuple[float, float]]]] = {}
+    #: (wall s, CPU s, page faults) of the single run and of the sweep, per round
+    times: dict[tuple[str, str], list[tuple[tuple[float, float, int], ...]]] = {}
     info: dict[tuple[str, str], tuple[int, list[str], float, float]] = {}
     steps: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,16 +179,19 @@ def main() -> None:
                     info[(preset, code)] = (n_jobs, backbone, statistics.median(seconds),
                                             cache_size(cache))
     print(f"category {args.category}, memory_cache_gb={args.memory_cache_gb}, "
-          f"{args.rounds} round(s), medians\n")
+          f"{args.rounds} round(s), medians"
+          + (f", {args.hold_gb:g} GiB held by a side process" if args.hold_gb else "") + "\n")
     print("wall: elapsed seconds; CPU: user + system seconds of the command's processes "
           "(what load from other processes on the machine disturbs least)\n")
     print("job 0 s and job to job s: from the job logs' time stamps, the first job's time "
           "and the median time from one job's start to the next's after it (a machine's slow "
           "spells move them least)\n")
+    print("page faults: minor page faults of the single run and of the sweep, in thousands "
+          "(each a page touched for the first time)\n")
     print("| preset | code | single run s (wall / CPU) | sweep s (wall / CPU) | jobs | "
-          "sweep / single (wall / CPU) | job 0 s | job to job s | median job s (fit+test) | "
-          "jobs that ran the backbone | cache GiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+          "sweep / single (wall / CPU) | page faults k (single / sweep) | job 0 s | "
+          "job to job s | median job s (fit+test) | jobs that ran the backbone | cache GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for (preset, code), pairs in times.items():
         cells = []
         for i in (0, 1):  # wall, CPU
@@ -165,8 +203,10 @@ def main() -> None:
         first = statistics.median(f for f, _ in steps[(preset, code)])
         step = statistics.median(t for _, t in steps[(preset, code)])
         (sw, sc), (ww, wc), (rw, rc) = zip(*cells, strict=True)
+        faults = [statistics.median(p[i][2] for p in pairs) / 1e3 for i in (0, 1)]
         print(f"| {preset} | {code} | {sw:.1f} / {sc:.1f} | {ww:.1f} / {wc:.1f} | {n_jobs} | "
-              f"{rw:.2f} / {rc:.2f} | {first:.2f} | {step:.3f} | {median:.2f} | "
+              f"{rw:.2f} / {rc:.2f} | {faults[0]:.0f} / {faults[1]:.0f} | {first:.2f} | "
+              f"{step:.3f} | {median:.2f} | "
               f"{len(backbone)} | {size:.2f} |")
 
 

@@ -24,6 +24,12 @@ name). With a :class:`~anomaly_bench.backbones.cache.FeatureCache` attached, a b
 served from the cache when every image has every selected block (and class token);
 otherwise the network runs every block it passes through and all of them are stored, so
 later jobs selecting other blocks read them too.
+
+A method that reads a fixed subset of each feature's channels (PaDiM: a seeded 550 of
+WideResNet50-2's 1792) says so with :meth:`Backbone.read_only`: features then come with
+only those channels, and the process memo holds only those channels of each cached block
+(the files keep whole blocks for readers of other channels), which is what bounds the
+memory of a layer sweep's process.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from anomaly_bench.backbones.cache import FeatureCache
+from anomaly_bench.backbones.cache import FeatureCache, Kept, kept_channels, select_channels
 from anomaly_bench.errors import ConfigError
 from anomaly_bench.memo import Derived, known, row_keys
 
@@ -86,6 +92,39 @@ class Backbone(nn.Module):
     trainable: bool = False
     #: Every block has a class token, given in :attr:`Features.class_tokens`.
     has_class_token: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: per feature name, the channels :meth:`read_only` keeps
+        self.read: dict[str, Kept] = {}
+
+    def read_only(self, channels: Mapping[str, torch.Tensor]) -> None:
+        """From now on, give only channels ``channels[f]`` (sorted, distinct indices) of
+        each feature ``f`` named there; the others stay whole."""
+        for f, index in channels.items():
+            if f not in self.channels:
+                raise ValueError(f"read_only: {self.name} has no feature {f!r}")
+            index = torch.as_tensor(index)
+            n = self.channels[f]
+            if index.dim() != 1 or index.dtype.is_floating_point or not index.numel() \
+                    or bool((index[1:] <= index[:-1]).any()) or index[0] < 0 or index[-1] >= n:
+                raise ValueError(f"read_only: channels of {f} must be sorted distinct "
+                                 f"indices in 0..{n - 1}")
+            self.read[f] = kept_channels(index)
+            # the same indices on the module's device, for features computed there
+            self.register_buffer(f"read_{f}", self.read[f][0].clone(), persistent=False)
+
+    def kept_blocks(self) -> dict[str, Kept]:
+        """The channels the process memo keeps of each stored block it keeps only in part
+        (by block name): those of the feature read from it."""
+        return {self.block_names[f]: kept for f, kept in self.read.items()}
+
+    def memo_blocks(self) -> dict[str, tuple[int, int]]:
+        """``{block name: (channels, stride)}`` of what the memo holds per image of each
+        stored block: :meth:`stored_blocks` with only the kept channels."""
+        kept = self.kept_blocks()
+        return {n: (len(kept[n][0]) if n in kept else c, stride)
+                for n, (c, stride) in self.stored_blocks().items()}
 
     @property
     @abstractmethod
@@ -146,7 +185,11 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> Features:
         selected = self.block_names
         if self.cache is None:
-            return self._features(self._blocks(images, every_block=False), selected)
+            blocks = self._blocks(images, every_block=False)
+            for f, n in selected.items():
+                if f in self.read:
+                    blocks[n] = select_channels(blocks[n], self.get_buffer(f"read_{f}"))
+            return self._features(blocks, selected)
         keys = row_keys(images)  # attached by the loader to memoised samples, else hashed
         h, w = images.shape[-2:]
         shapes = {}  # (C, h, w) per block; the grid is known where the stride divides the size
@@ -156,14 +199,16 @@ class Backbone(nn.Module):
             shapes[n] = (self.channels[f], h // st if exact else None, w // st if exact else None)
             if self.has_class_token:
                 shapes[n + CLASS_TOKEN] = (self.channels[f], 1, 1)
-        hit = self.cache.load(keys, list(shapes), shapes)
+        kept = self.kept_blocks()
+        hit = self.cache.load(keys, list(shapes), shapes, kept)
         if hit is None:
-            blocks = self._blocks(images, every_block=True)
-            self.cache.store(keys, blocks)
+            blocks = self.cache.store(keys, self._blocks(images, every_block=True), kept)
             hit = {n: blocks[n] for n in shapes}
         origin = (str(self.cache.dir), tuple(keys))
         hit = {n: t.to(images.device, non_blocking=True) for n, t in hit.items()}
-        return self._features(hit, selected, {f: (*origin, n) for f, n in selected.items()})
+        return self._features(hit, selected, {
+            f: (*origin, n, *((self.read[f][1],) if f in self.read else ()))
+            for f, n in selected.items()})
 
     def _features(self, blocks: Mapping[str, torch.Tensor], selected: Mapping[str, str],
                   sources: Mapping[str, tuple] | None = None) -> Features:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from anomaly_bench.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from anomaly_bench.backbones.cache import Kept
 from anomaly_bench.backbones.weights import (
     fetch_state_dict,
     hub_access,
@@ -226,6 +227,15 @@ class FeatureExtractor(Backbone):
         shapes = _BLOCK_SHAPES[self.name]
         return {f"{s}.{i}": shapes[f"{s}.{i}"] for s, blocks in self.stages.items()
                 for i in range(len(blocks))}
+
+    def kept_blocks(self) -> dict[str, Kept]:
+        """Every stored block of a stage read in part keeps the channels read from that
+        stage: the other jobs of a layer sweep select other blocks of the same stage, and
+        the blocks of a stage have the same width, so a method that picks channels by
+        width and seed (PaDiM) reads the same ones there. A job reading other channels
+        finds none in the memo (its keys name the channels) and reads the files."""
+        return {n: self.read[s] for n, (c, _) in self.stored_blocks().items()
+                if (s := n.split(".")[0]) in self.read and c == self.channels[s]}
 
     def _run(self, images: torch.Tensor, every_block: bool) -> dict[str, torch.Tensor]:
         """Outputs ``{"layerS.i": tensor}`` of the selected blocks, or of every block run.

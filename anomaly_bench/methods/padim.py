@@ -70,8 +70,10 @@ class Padim(AnomalyMethod):
         self.register_buffer("channel_idx", idx)
         self.stages = list(extractor.channels)
         local = split_channels(idx, list(extractor.channels.values()))
-        for stage, i in zip(self.stages, local, strict=True):
-            self.register_buffer(f"channels_{stage}", i, persistent=False)
+        # the backbone gives only these channels (and its cache keeps only them in memory)
+        extractor.read_only(dict(zip(self.stages, local, strict=True)))
+        #: channels kept per stage
+        self.widths = {stage: int(i.numel()) for stage, i in zip(self.stages, local, strict=True)}
         if solver not in ("auto", "full", "lowrank"):
             raise ConfigError(f"method.solver={solver} is not one of auto, full, lowrank.")
         self.solver = solver
@@ -88,10 +90,9 @@ class Padim(AnomalyMethod):
         self.blur_border = blur_border
 
     def _chosen(self, feats: Features) -> list[Derived[torch.Tensor]]:
-        """Per stage: the chosen channels of its block, in the channels-last layout the
-        statistics read (a C-vector per position)."""
-        return [derive("padim.channels", select_channels, feats.lazy(s), keep=False,
-                       index=self.get_buffer(f"channels_{s}")) for s in self.stages]
+        """Per stage: the chosen channels of its block (all the backbone gives), in the
+        channels-last layout the statistics read (a C-vector per position)."""
+        return [feats.lazy(s) for s in self.stages]
 
     def _features(self, images: torch.Tensor) -> Features:
         with torch.no_grad():
@@ -156,8 +157,7 @@ class Padim(AnomalyMethod):
         grid = [shapes[s][1] * shapes[s][2] for s in self.stages]
         if self._full_solver(n_images):
             return 4 * grid[0] * d * d
-        kept = sum(self.get_buffer(f"channels_{s}").numel() * p
-                   for s, p in zip(self.stages, grid, strict=True))
+        kept = sum(self.widths[s] * p for s, p in zip(self.stages, grid, strict=True))
         return 4 * n_images * kept + 4 * grid[0] * n_images * n_images
 
     def memo_bytes(self, n_fit: int, n_test: int,
@@ -168,7 +168,7 @@ class Padim(AnomalyMethod):
             return super().memo_bytes(n_fit, n_test, shapes)
         total = 0
         for s in self.stages:
-            c, p = self.get_buffer(f"channels_{s}").numel(), shapes[s][1] * shapes[s][2]
+            c, p = self.widths[s], shapes[s][1] * shapes[s][2]
             total += 8 * p * (c * (n_fit + 1) + n_fit * n_fit + n_test * (n_fit + 1))
         return total
 
@@ -211,17 +211,6 @@ class Padim(AnomalyMethod):
             scores, maps = to_image_maps(dist, tuple(batch.images.shape[-2:]), self.blur_sigma,
                                          self.blur_border)
         return Prediction(image_scores=scores, anomaly_maps=maps)
-
-
-def select_channels(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout.
-
-    Selected as columns of the (B h w, C) matrix the channels-last block is: ``index_select``
-    along the last dimension of a 4-d tensor takes 3-5 times as long on the CPU.
-    """
-    b, c, h, w = block.shape
-    rows = block.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when channels-last
-    return rows.index_select(1, index).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _level_cross(features: torch.Tensor, fitted: tuple[torch.Tensor, torch.Tensor]

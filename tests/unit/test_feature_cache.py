@@ -569,3 +569,73 @@ def test_clear_command_removes_cache_entries_and_nothing_else(tmp_path: Path, ca
     done = subprocess.run([sys.executable, "-m", "anomaly_bench.cache_cli", "--clear",
                            str(tmp_path)], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("removed 0 entries") and not done.stderr
+
+
+# --- features read in part ---------------------------------------------------------------
+
+READ = {"layer1": torch.tensor([0, 5, 17, 40, 63]), "layer2": torch.tensor([3, 64, 127])}
+
+
+def _read_only(root: Path | None, read: dict):
+    ex = _extractor(root)
+    ex.read_only(read)
+    return ex
+
+
+def test_read_only_gives_the_chosen_channels_from_every_source(tmp_path: Path, caplog):
+    """The network, the memo and the files give the same chosen channels; the memo holds
+    only those (of every block of the stages read), the files whole blocks, and a reader
+    of other channels gets them from the files."""
+    from anomaly_bench.backbones import cache as feature_cache
+    from anomaly_bench.backbones.cache import flush_writes, read_entry, reset_stats
+    from anomaly_bench.memo import MEMO
+
+    images = _images()
+    whole = _extract(None, images)
+    want = {f: whole[f].index_select(1, i) for f, i in READ.items()}
+    budget = MEMO.budget
+    MEMO.configure(2**30)
+    MEMO.clear()
+    try:
+        got = {}
+        with torch.inference_mode():
+            got["network"] = _read_only(None, READ)(images)
+            reset_stats()
+            ex = _read_only(tmp_path, READ)
+            got["backbone, stored"] = ex(images)
+            flush_writes()
+            got["memo"] = _read_only(tmp_path, READ)(images)
+            held = {k[3]: v for k, (v, _, _) in MEMO._items.items() if k[0] == "features"}
+            MEMO.clear()
+            got["files"] = _read_only(tmp_path, READ)(images)
+            stats = feature_cache.STATS
+            assert (stats.computed, stats.memory, stats.disk) == (4, 4, 4)
+            other = {"layer1": torch.tensor([1, 2]), "layer2": torch.tensor([0])}
+            got_other = _read_only(tmp_path, other)(images)
+            assert stats.disk == 8  # other channels: not in the memo, read from the files
+    finally:
+        MEMO.clear()
+        MEMO.configure(budget)
+    for source, feats in got.items():
+        for f in READ:
+            assert feats[f].shape[1] == len(READ[f]), source
+            assert torch.equal(feats[f], want[f]), source
+    for f, i in other.items():
+        assert torch.equal(got_other[f], whole[f].index_select(1, i))
+    # every block of ResNet18's layer1 and layer2 ran, each kept with the channels read
+    assert {n: t.shape[1] for n, t in held.items()} == {
+        "layer1.0": 5, "layer1.1": 5, "layer2.0": 3, "layer2.1": 3}
+    assert ex.memo_blocks() == {"layer1.0": (5, 4), "layer1.1": (5, 4), "layer2.0": (3, 8),
+                                "layer2.1": (3, 8)}
+    entry = read_entry(ex.cache._path(content_key(images[0])), ["layer1.1", "layer2.0"])
+    assert entry["layer1.1"].shape[-1] == 64 and entry["layer2.0"].shape[-1] == 128
+    # what is derived from a part is named apart from what is derived from whole blocks
+    assert got["memo"].sources["layer1"] != _extract(tmp_path, images).sources["layer1"]
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([3, 1]), torch.tensor([1, 1]),
+                                 torch.tensor([0, 64]), torch.tensor([-1, 2]),
+                                 torch.tensor([]), torch.tensor([0.0, 1.0])])
+def test_read_only_refuses_indices_that_are_not_sorted_distinct_channels(bad):
+    with pytest.raises(ValueError, match="layer1"):
+        _read_only(None, {"layer1": bad})

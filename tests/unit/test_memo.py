@@ -145,7 +145,6 @@ def test_padim_block_statistics_are_shared_and_exact(tmp_path):
     assert MEMO.hits >= hits + 2  # its layer1 fit statistics and test shares came from memory
     kinds = {key[0] for key in MEMO._items if isinstance(key, tuple) and isinstance(key[0], str)}
     assert {"padim.level_stats", "padim.level_cross"} <= kinds
-    assert "padim.channels" not in kinds  # a cheap step: keyed, never kept
     reference = run((0, 0), cache=False)
     torch.testing.assert_close(other.anomaly_maps, reference.anomaly_maps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(other.image_scores, reference.image_scores, rtol=1e-6, atol=1e-6)
@@ -218,7 +217,7 @@ def test_derive_memoises_only_values_of_known_content():
     assert renamed.key != lazy.key
 
 
-def test_derive_keep_false_names_but_never_stores():
+def test_derive_keys_tensor_parameters_by_value_and_skips_inputs_of_kept_values():
     calls = []
 
     def pick(x, index):
@@ -226,16 +225,15 @@ def test_derive_keep_false_names_but_never_stores():
         return x[index]
 
     x = known(torch.arange(10.0), "x")
-    picked = derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 3]))
-    assert picked.key is not None and MEMO.size == 0
-    assert picked.value.tolist() == [1.0, 3.0] and MEMO.size == 0 and len(calls) == 1
+    picked = derive("test.pick", pick, x, index=torch.tensor([1, 3]))
     summed = derive("test.sum", lambda t: t.sum(), picked)
-    assert summed.value.item() == 4.0 and len(calls) == 2
+    assert summed.value.item() == 4.0 and len(calls) == 1
     again = derive("test.sum", lambda t: t.sum(),
-                   derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 3])))
-    assert again.value.item() == 4.0 and len(calls) == 2  # the pick was skipped
-    moved = derive("test.pick", pick, x, keep=False, index=torch.tensor([1, 4]))
+                   derive("test.pick", pick, x, index=torch.tensor([1, 3])))
+    assert again.value.item() == 4.0 and len(calls) == 1  # from the memo: no pick
+    moved = derive("test.pick", pick, x, index=torch.tensor([1, 4]))
     assert moved.key != picked.key  # tensor parameters are keyed by value
+    assert moved.value.tolist() == [1.0, 4.0] and len(calls) == 2
 
 
 def test_a_known_value_modified_in_place_loses_its_key():

@@ -8,6 +8,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis
 
 from anomaly_bench.methods import build_method
+from anomaly_bench.methods.common import build_extractor
 from anomaly_bench.methods.padim import Padim
 from anomaly_bench.types import Batch
 
@@ -39,8 +40,10 @@ def fitted():
 def reference_padim(model: Padim, train: torch.Tensor, test: torch.Tensor):
     """The paper's algorithm written plainly: loops over positions, NumPy/SciPy maths."""
 
+    whole = build_extractor(BACKBONE, LAYERS, seed=0)  # every channel, as the paper reads
+
     def embedding(x):
-        feats = model.extractor(x)
+        feats = whole(x)
         l1 = feats["layer1"]
         up = [F.interpolate(f, size=l1.shape[-2:], mode="nearest") for f in feats.values()]
         emb = torch.cat(up, 1)[:, model.channel_idx]
@@ -85,7 +88,7 @@ def test_every_solver_matches_reference(solver, n_features):
 def test_padim_shapes_and_paper_dims(fitted):
     model, _, test = fitted
     # low-rank statistics per block on its own grid: 16x16, 8x8, 4x4 cells
-    chans = [model.get_buffer(f"channels_{s}").numel() for s in ("layer1", "layer2", "layer3")]
+    chans = [model.widths[s] for s in ("layer1", "layer2", "layer3")]
     assert sum(chans) == 40
     for stage, c, cells in zip(("layer1", "layer2", "layer3"), chans, (256, 64, 16), strict=True):
         assert model.get_buffer(f"mean_{stage}").shape == (cells, c)
