@@ -468,9 +468,9 @@ class FeatureCache:
         _submit(self._write, paths, cpu, in_memo)
         return held
 
-    def _write(self, paths: list[Path], cpu: dict[str, torch.Tensor], kept: bool) -> None:
+    def _write(self, paths: list[Path], cpu: dict[str, torch.Tensor], in_memo: bool) -> None:
         written = 0
-        release = kept or _memory_short()
+        release = in_memo or _memory_short()
         _drop_released()
         try:
             for i, path in enumerate(paths):
