@@ -186,15 +186,19 @@ def kept_channels(index: torch.Tensor) -> Kept:
     return index, hashlib.sha1(index.numpy().tobytes()).hexdigest()[:16]
 
 
-def select_channels(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout.
+def select_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Entries ``index`` of the last dimension of a (..., C) tensor, as a new tensor.
 
-    Selected as columns of the (B h w, C) matrix the channels-last block is: ``index_select``
-    along the last dimension of a 4-d tensor takes 3-5 times as long on the CPU.
+    Selected as columns of the (n, C) matrix ``t`` is: ``index_select`` along the last
+    dimension of a 4-d tensor takes 3-5 times as long on the CPU.
     """
-    b, c, h, w = block.shape
-    rows = block.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when channels-last
-    return rows.index_select(1, index).view(b, h, w, -1).permute(0, 3, 1, 2)
+    rows = t.reshape(-1, t.shape[-1])  # a view when the last dimension is the densest
+    return rows.index_select(1, index).view(*t.shape[:-1], -1)
+
+
+def select_channels(block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Channels ``index`` of a (B, C, h, w) block, kept in the channels-last layout."""
+    return select_last(block.permute(0, 2, 3, 1), index).permute(0, 3, 1, 2)
 
 
 def entry_size(blocks: Mapping[str, Sequence[int]]) -> int:
@@ -427,14 +431,15 @@ class FeatureCache:
                 except OSError:  # absent, or removed by another job meanwhile
                     return self._miss(len(keys), f"not in memory nor in {self.dir}")
             for n, t in tensors.items():
-                out[n].append(t)
+                # the kept channels of each image: the whole blocks are never stacked
+                out[n].append(select_last(t, kept[n][0]) if n in kept else t)
                 want[n] = tuple(t.shape)
         self.hits += len(keys)
         STATS.memory += queued
         STATS.disk += len(keys) - queued
         _touch(paths, force=True)
         # (B, h, w, C) storage seen as (B, C, h, w) in the channels-last format
-        stacked = _kept({n: torch.stack(v).permute(0, 3, 1, 2) for n, v in out.items()}, kept)
+        stacked = {n: torch.stack(v).permute(0, 3, 1, 2) for n, v in out.items()}
         self._remember(batch, stacked, kept)
         return stacked
 
