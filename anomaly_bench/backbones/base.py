@@ -206,9 +206,9 @@ class Backbone(nn.Module):
             hit = {n: blocks[n] for n in shapes}
         origin = (str(self.cache.dir), tuple(keys))
         hit = {n: t.to(images.device, non_blocking=True) for n, t in hit.items()}
+        # a part is named by its channels, as the memo holds it
         return self._features(hit, selected, {
-            f: (*origin, n, *((self.read[f][1],) if f in self.read else ()))
-            for f, n in selected.items()})
+            f: (*origin, n, *((kept[n][1],) if n in kept else ())) for f, n in selected.items()})
 
     def _features(self, blocks: Mapping[str, torch.Tensor], selected: Mapping[str, str],
                   sources: Mapping[str, tuple] | None = None) -> Features:
